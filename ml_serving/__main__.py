@@ -1,0 +1,59 @@
+"""Entry point: `python -m ml_serving` loads Settings, sets up logging, serves until signalled."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from pydantic import ValidationError
+
+from ml_serving import logs, server
+from ml_serving.config import Settings
+from ml_serving.errors import ServingError
+
+logger = logging.getLogger("ml_serving")
+
+
+async def serve(settings: Settings) -> None:
+    """Start the server, drain on SIGTERM/SIGINT, return when stopped."""
+    app = await server.start(settings)
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_signal(signum: int) -> None:
+        logger.info("signal received", extra={"signal": signal.Signals(signum).name})
+        if not stopping:
+            stopping.append(loop.create_task(app.stop()))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await app.wait_stopped()
+    if app.failure:
+        raise ValueError(app.failure)
+
+
+def main() -> int:
+    """Run the server; exit 0 after a drain, 2 on a configuration error."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"ml-serving: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_json)
+    runner = asyncio.run
+    if settings.uvloop:
+        import uvloop
+
+        runner = uvloop.run
+    try:
+        runner(serve(settings))
+    except (ServingError, ValueError, OSError) as exc:
+        logger.error("cannot start: %s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

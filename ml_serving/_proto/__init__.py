@@ -1,0 +1,1 @@
+"""Generated from protos/ by scripts/gen_proto.sh; never edit by hand."""

@@ -1,0 +1,77 @@
+"""Settings: the one place configuration is read, from ML_SERVING_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+class Settings(BaseSettings):
+    """Every knob of the server; the README's configuration table mirrors this class."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ML_SERVING_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    host: str = "0.0.0.0"
+    """Address the gRPC server binds to."""
+    port: int = Field(default=50051, ge=0, le=65535)
+    """gRPC port; 0 picks a free port (tests)."""
+    metrics_port: int = Field(default=9090, ge=0, le=65535)
+    """Prometheus metrics port; 0 turns the endpoint off."""
+    shutdown_grace_s: float = Field(default=20.0, ge=0)
+    """Seconds in-flight RPCs get to finish after SIGTERM/SIGINT before they are cancelled."""
+    max_concurrent_rpcs: int = Field(default=2048, ge=1)
+    """InferenceService RPCs in flight at once; more are shed with RESOURCE_EXHAUSTED."""
+    max_receive_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest request message accepted; larger ones get RESOURCE_EXHAUSTED."""
+    max_send_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest response message sent."""
+    keepalive_time_s: float = Field(default=30.0, gt=0)
+    """Interval of server keepalive pings on idle connections."""
+    keepalive_timeout_s: float = Field(default=10.0, gt=0)
+    """How long a keepalive ping may go unanswered before the connection is closed."""
+    max_connection_age_s: float = Field(default=300.0, gt=0)
+    """Connections are asked to reconnect after this age, so L4 balancers spread load."""
+    max_connection_age_grace_s: float = Field(default=30.0, ge=0)
+    """Time an aged connection's in-flight RPCs get before it is closed."""
+    uvloop: bool = True
+    """Run the asyncio loop on uvloop (measured: same QPS, better tail at low concurrency)."""
+    log_level: str = "INFO"
+    """Root log level."""
+    log_json: bool = True
+    """One JSON object per log line (for log shippers); false gives plain text."""
+
+    model_root: Path = REPO_MODELS
+    """Root of the file-based model registry."""
+    model_name: str = "tips-ranker"
+    """Model served by Score; its promoted version is loaded."""
+    model_poll_s: float = Field(default=2.0, gt=0)
+    """How often the registry's PROMOTED pointer is checked for a new version."""
+    max_candidates: int = Field(default=1000, ge=1)
+    """Most candidates one Score request may carry."""
+
+    llm_config: Path | None = None
+    """LiteLLM model_list YAML; unset means the built-in offline route."""
+    llm_model: str | None = None
+    """Route alias Generate uses; unset means the first entry of the model list."""
+    llm_timeout_margin_s: float = Field(default=0.05, ge=0)
+    """Kept back from the caller's deadline so the upstream timeout fires first and maps cleanly."""
+    llm_default_max_tokens: int = Field(default=160, ge=1)
+    """max_tokens when a request leaves it at 0."""
+    llm_max_tokens_limit: int = Field(default=1024, ge=1)
+    """Largest max_tokens a request may ask for."""
+    llm_fallback: bool = True
+    """When every route fails, answer a curated tip flagged fallback=true (else UNAVAILABLE)."""
+
+    default_prompt_version: str = Field(
+        default="v1",
+        validation_alias=AliasChoices(
+            "DEFAULT_PROMPT_VERSION", "ML_SERVING_DEFAULT_PROMPT_VERSION"
+        ),
+    )
+    """Prompt version used when a request names none (env DEFAULT_PROMPT_VERSION, as the seed)."""

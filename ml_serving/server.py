@@ -1,0 +1,149 @@
+"""Builds the grpc.aio server: servicers, health, reflection, limits, warm-up, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ml_serving import rpc
+from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
+from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
+from ml_serving.config import Settings
+from ml_serving.generation import Generator
+from ml_serving.model_registry import ModelHolder, ModelRegistry
+from ml_serving.prompts import PromptRegistry
+from ml_serving.servicer import InferenceServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+"""'mlserving.v1.InferenceService': the health name readiness probes ask for."""
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments: message sizes, keepalive and connection age (for L7-less balancing)."""
+    ms = 1000
+    return [
+        ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ("grpc.max_send_message_length", settings.max_send_message_bytes),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * ms)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * ms)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5 * ms),
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * ms)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * ms)),
+        # One process owns the port unless worker processes are asked for explicitly.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+@dataclass
+class App:
+    """A running server and the pieces tests and __main__ need to reach."""
+
+    settings: Settings
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    gate: rpc.Gate
+    models: ModelHolder
+    prompts: PromptRegistry
+    generator: Generator
+    failure: str | None = None
+    """Why start-up failed after listening began (e.g. a bad LLM config); None when fine."""
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait_ready(self) -> None:
+        """Wait for start-up work (LLM gateway import and warm-up) to finish."""
+        await asyncio.shield(self._tasks[0])
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: NOT_SERVING at once, refuse new RPCs, give in-flight ones the grace period."""
+        if self._stopped.is_set():
+            return
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        logger.info("draining", extra={"grace_s": grace, "in_flight": self.gate.in_flight})
+        self.gate.draining = True
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await self.server.stop(grace)
+        self._stopped.set()
+        logger.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        """Return once stop() has finished."""
+        await self._stopped.wait()
+
+
+async def start(settings: Settings) -> App:
+    """Load the model and prompts (fail fast on bad ones), start listening, then warm the LLM
+    gateway in the background; readiness turns SERVING once it is warm."""
+    prompts = PromptRegistry(default_version=settings.default_prompt_version)
+    models = ModelHolder(ModelRegistry(settings.model_root), settings.model_name)
+    gate = rpc.Gate(limit=settings.max_concurrent_rpcs)
+    generator = Generator(
+        prompts,
+        default_max_tokens=settings.llm_default_max_tokens,
+        max_tokens_limit=settings.llm_max_tokens_limit,
+        timeout_margin_s=settings.llm_timeout_margin_s,
+        fallback=settings.llm_fallback,
+    )
+    server = grpc.aio.server(options=grpc_options(settings))
+    pb_grpc.add_InferenceServiceServicer_to_server(
+        InferenceServicer(settings, gate, models, prompts, generator), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    app = App(settings, server, port, health_servicer, gate, models, prompts, generator)
+    app._tasks.append(asyncio.create_task(_warm_up(app), name="llm-warm-up"))
+    app._tasks.append(asyncio.create_task(models.watch(settings.model_poll_s), name="model-watch"))
+    logger.info(
+        "listening",
+        extra={
+            "port": port,
+            "model": f"{models.current.name}:{models.current.version}",
+            "default_prompt_version": prompts.default_version,
+        },
+    )
+    return app
+
+
+async def _warm_up(app: App) -> None:
+    # Import in a thread: litellm's import is seconds of CPU that must not block serving Score.
+    llm = await asyncio.to_thread(_import_llm)
+    settings = app.settings
+    try:
+        routes = (
+            llm.load_routes(settings.llm_config) if settings.llm_config else llm.offline_routes()
+        )
+        gateway = llm.LLMGateway(routes, settings.llm_model)
+        await gateway.warm_up()
+    except Exception as exc:
+        # A broken LLM config is a start-up failure: say why and stop rather than limp along.
+        app.failure = f"LLM gateway failed to start: {exc}"
+        logger.error("%s", app.failure)
+        asyncio.get_running_loop().create_task(app.stop(0))
+        return
+    app.generator.gateway = gateway
+    await app.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("ready", extra={"llm_route": gateway.alias, "llm_routes": list(routes.aliases)})
+
+
+def _import_llm():  # type: ignore[no-untyped-def]
+    from ml_serving import llm
+
+    return llm
