@@ -1,0 +1,1 @@
+"""ml-serving: contract-first gRPC inference service (Score with numpy, Generate with LiteLLM)."""
