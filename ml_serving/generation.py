@@ -149,7 +149,7 @@ class Generator:
         except _FALLBACK_COVERS as exc:
             if sent_any or not self._fallback:
                 raise
-            logger.warning("every LLM route failed; streaming a fallback tip: %s", exc)
+            logger.warning("every LLM route failed; streaming a fallback tip: %r", exc.__cause__)
             completion = _fallback_completion(template, context)
             yield completion.text
             yield StreamEnd(

@@ -314,6 +314,7 @@ class LLMGateway:
 
 def _map_exception(exc: BaseException) -> BaseException:
     """Map a LiteLLM / provider exception onto the error table (CancelledError passes through)."""
+    logger.info("LLM call failed: %s", type(exc).__name__, exc_info=exc)
     if isinstance(exc, asyncio.CancelledError | errors.ServingError):
         return exc
     if isinstance(exc, TimeoutError | llm_errors.Timeout):

@@ -7,8 +7,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
@@ -90,62 +89,58 @@ def _status_details(exc: errors.ServingError) -> tuple[tuple[str, bytes], ...]:
     return (("grpc-status-details-bin", status.SerializeToString()),)
 
 
-@contextmanager
-def _call(
-    gate: Gate, method: str, context: grpc.aio.ServicerContext[Any, Any]
-) -> Iterator[dict[str, Any]]:
-    """Set up one RPC: request id in and out, admission, and the access-log line at the end."""
-    request_id = _request_id(context)
-    id_token = request_id_var.set(request_id)
-    notes: dict[str, Any] = {}
-    notes_token = _annotations.set(notes)
-    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-    started = time.perf_counter()
-    code = "OK"
-    admitted = False
-    try:
-        gate.admit()
-        admitted = True
-        yield notes
-    except BaseException as exc:
-        code = _code_name(exc)
-        raise
-    finally:
-        if admitted:
-            gate.in_flight -= 1
-        elapsed = time.perf_counter() - started
+class _Call:
+    """One RPC's bookkeeping: request id in and out, its admission slot, the access-log line."""
+
+    def __init__(self, gate: Gate, method: str, context: grpc.aio.ServicerContext[Any, Any]):
+        self.gate = gate
+        self.method = method
+        self.context = context
+        self.request_id = _request_id(context)
+        self.notes: dict[str, Any] = {}
+        self.admitted = False
+        self.started = time.perf_counter()
+        self._tokens = (request_id_var.set(self.request_id), _annotations.set(self.notes))
+        context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+
+    def admit(self) -> None:
+        self.gate.admit()
+        self.admitted = True
+
+    def finish(self, code: str) -> None:
+        """Release the slot and write the access-log line (exactly once per RPC)."""
+        if self.admitted:
+            self.gate.in_flight -= 1
+            self.admitted = False
+        elapsed = time.perf_counter() - self.started
         access_logger.info(
             "rpc %s %s",
-            method,
+            self.method,
             code,
-            extra={"method": method, "code": code, "duration_ms": round(elapsed * 1e3, 3), **notes},
+            extra={
+                "method": self.method,
+                "code": code,
+                "duration_ms": round(elapsed * 1e3, 3),
+                **self.notes,
+            },
         )
-        for observe in gate.observers:
-            observe(method, code, elapsed, notes)
-        _annotations.reset(notes_token)
-        request_id_var.reset(id_token)
+        for observe in self.gate.observers:
+            observe(self.method, code, elapsed, self.notes)
+        _annotations.reset(self._tokens[1])
+        request_id_var.reset(self._tokens[0])
 
-
-def _code_name(exc: BaseException) -> str:
-    if isinstance(exc, errors.ServingError):
-        return exc.code.name
-    if isinstance(exc, asyncio.CancelledError):
-        return "CANCELLED"
-    if isinstance(exc, _Aborted):
-        return exc.code_name
-    return "INTERNAL"
-
-
-class _Aborted(Exception):
-    """Raised inside _call's block to carry the status of an abort to the access log."""
-
-    def __init__(self, code_name: str) -> None:
-        super().__init__(code_name)
-        self.code_name = code_name
-
-
-def _status_details_for(exc: BaseException) -> tuple[tuple[str, bytes], ...]:
-    return _status_details(exc) if isinstance(exc, errors.ServingError) else ()
+    async def fail(self, exc: BaseException) -> None:
+        """End the RPC with the status for exc; anything not a ServingError is a fixed INTERNAL
+        whose traceback goes to the log only."""
+        trailing: tuple[tuple[str, str | bytes], ...] = ((REQUEST_ID_KEY, self.request_id),)
+        if isinstance(exc, errors.ServingError):
+            code, details = exc.code, str(exc)
+            trailing += _status_details(exc)
+        else:
+            logger.error("unhandled error in %s", self.method, exc_info=exc)
+            code, details = grpc.StatusCode.INTERNAL, errors.INTERNAL_MESSAGE
+        self.finish(code.name)
+        await self.context.abort(code, details, trailing_metadata=trailing)
 
 
 class HasGate(Protocol):
@@ -175,36 +170,22 @@ def unary(
             *args: P.args,
             **kwargs: P.kwargs,
         ) -> Resp:
-            failure: BaseException | None = None
+            call = _Call(self.gate, method, context)
             try:
-                with _call(self.gate, method, context):
-                    try:
-                        return await handler(self, request, context, *args, **kwargs)
-                    except (errors.ServingError, asyncio.CancelledError):
-                        raise
-                    except Exception as exc:
-                        logger.error("unhandled error in %s", method, exc_info=exc)
-                        raise _Aborted("INTERNAL") from exc
-            except errors.ServingError as exc:
-                failure = exc
-            except _Aborted:
-                failure = RuntimeError("hidden")
-            await _abort(context, failure)
-            raise AssertionError("unreachable: abort raises")  # pragma: no cover
+                call.admit()
+                response = await handler(self, request, context, *args, **kwargs)
+            except asyncio.CancelledError:
+                call.finish("CANCELLED")
+                raise
+            except Exception as exc:
+                await call.fail(exc)
+                raise AssertionError("unreachable: abort raises") from exc  # pragma: no cover
+            call.finish("OK")
+            return response
 
         return wrapper
 
     return decorate
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
-    """End the RPC with the status for exc; anything not a ServingError is a fixed INTERNAL."""
-    if isinstance(exc, errors.ServingError):
-        code, details = exc.code, str(exc)
-    else:
-        code, details = grpc.StatusCode.INTERNAL, errors.INTERNAL_MESSAGE
-    trailing = ((REQUEST_ID_KEY, request_id_var.get()), *_status_details_for(exc))
-    await context.abort(code, details, trailing_metadata=trailing)
 
 
 def server_streaming(
@@ -228,23 +209,18 @@ def server_streaming(
             *args: P.args,
             **kwargs: P.kwargs,
         ) -> AsyncIterator[Resp]:
-            failure: BaseException | None = None
+            call = _Call(self.gate, method, context)
             try:
-                with _call(self.gate, method, context):
-                    try:
-                        async for message in handler(self, request, context, *args, **kwargs):
-                            yield message
-                        return
-                    except (errors.ServingError, asyncio.CancelledError, GeneratorExit):
-                        raise
-                    except Exception as exc:
-                        logger.error("unhandled error in %s", method, exc_info=exc)
-                        raise _Aborted("INTERNAL") from exc
-            except errors.ServingError as exc:
-                failure = exc
-            except _Aborted:
-                failure = RuntimeError("hidden")
-            await _abort(context, failure)
+                call.admit()
+                async for message in handler(self, request, context, *args, **kwargs):
+                    yield message
+            except (asyncio.CancelledError, GeneratorExit):
+                call.finish("CANCELLED")
+                raise
+            except Exception as exc:
+                await call.fail(exc)
+                return
+            call.finish("OK")
 
         return wrapper
 

@@ -46,13 +46,16 @@ async def process(
         "ML_SERVING_LLM_CONFIG": str(config),
         "ML_SERVING_LLM_FALLBACK": "false",
     }
-    proc = subprocess.Popen([sys.executable, "-m", "ml_serving"], env=env, stderr=subprocess.PIPE)
+    log_path = tmp_path / "server.log"
+    log = log_path.open("wb")
+    # Logs go to a file: a pipe nobody reads would fill up and block the server.
+    proc = subprocess.Popen([sys.executable, "-m", "ml_serving"], env=env, stderr=log)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as chan:
             health = health_pb2_grpc.HealthStub(chan)
             deadline = time.monotonic() + 60
             while True:
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert proc.poll() is None, log_path.read_text()
                 try:
                     reply = await health.Check(
                         health_pb2.HealthCheckRequest(service=SERVICE), timeout=1
@@ -68,6 +71,7 @@ async def process(
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        log.close()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -1,0 +1,418 @@
+"""The one feature definition shared by training and serving: names, order, defaults, transforms."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+logger = logging.getLogger(__name__)
+
+DTYPE: Final = np.float32
+"""Dtype of raw feature values: what the wire carries (proto ``float``) and what training stores.
+
+Arithmetic after alignment (transforms, matrix product) runs in float64; rounding every raw value
+to float32 first means training rows and serving rows see the same numbers.
+"""
+
+Float32Array = npt.NDArray[np.float32]
+Float64Array = npt.NDArray[np.float64]
+
+Z_CLIP: Final = 8.0
+"""Normalised values are clipped to [-Z_CLIP, Z_CLIP].
+
+No training row gets near it (the tests check); it bounds what an absurd but finite input (a
+readability of 1e30) can do to a score, identically in training and serving.
+"""
+
+LIKE_RATE_PRIOR: Final = 0.10
+"""Population like rate: the default ``like_rate_30d`` of a user shown no tips in 30 days."""
+
+LIKE_RATE_SMOOTHING: Final = 5.0
+"""Pseudo-impressions in ``like_rate_30d = (likes + 5 * 0.10) / (seen + 5)``.
+
+Smoothing keeps a user with one like out of one tip from looking like a fan (a raw 1/1 sat eight
+standard deviations out); with no tips seen the formula gives the prior, which is the default.
+"""
+
+TIP_CTR_PRIOR: Final = 0.10
+"""Catalogue-wide click rate: the default ``tip_prior_ctr`` of a tip with no impressions yet."""
+
+CATEGORIES: Final = ("health", "productivity", "finance", "learning", "relationships")
+"""Tip categories, one-hot encoded as ``category_<name>`` candidate features."""
+
+TOPIC_AFFINITY_PRIOR: Final = 1.0 / len(CATEGORIES)
+"""Default ``topic_affinity``: a user with no like history likes every category alike."""
+
+
+class Group(StrEnum):
+    """Which part of a Score request a feature travels in."""
+
+    CONTEXT = "context"
+    CANDIDATE = "candidate"
+
+
+class Transform(StrEnum):
+    """Fixed, stateless transform applied to a raw value before z-scoring."""
+
+    IDENTITY = "identity"
+    LOG1P = "log1p"
+    """``log1p(max(x, 0))``: for counts and durations; a negative count is treated as zero."""
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureSpec:
+    """One named model input.
+
+    ``default`` is the raw value used when a caller omits the feature; ``None`` makes the feature
+    required (omitting it is an INVALID_ARGUMENT, never a silent zero). ``standardize`` says
+    whether a z-score (mean/std fitted at training, stored in the model artefact) follows the
+    transform; flags and one-hots stay 0/1 so their crosses read as "only for this segment".
+    """
+
+    name: str
+    group: Group
+    description: str
+    transform: Transform = Transform.IDENTITY
+    standardize: bool = True
+    default: float | None = None
+
+    @property
+    def required(self) -> bool:
+        """True when the caller must send this feature."""
+        return self.default is None
+
+
+_C = Group.CONTEXT
+_T = Group.CANDIDATE
+
+CONTEXT_FEATURES: Final[tuple[FeatureSpec, ...]] = (
+    FeatureSpec("tenure_days", _C, "Days since the user signed up.", Transform.LOG1P),
+    FeatureSpec("sessions_7d", _C, "App sessions in the last 7 days.", Transform.LOG1P),
+    FeatureSpec("tips_seen_7d", _C, "Tips shown to the user in the last 7 days.", Transform.LOG1P),
+    FeatureSpec(
+        "streak_days",
+        _C,
+        "Length of the user's current daily-use streak; omit when there is no active streak.",
+        Transform.LOG1P,
+        default=0.0,
+    ),
+    FeatureSpec(
+        "like_rate_30d",
+        _C,
+        "Smoothed like rate over the last 30 days, (likes + 0.5) / (tips seen + 5); omit "
+        "when the user saw no tips.",
+        default=LIKE_RATE_PRIOR,
+    ),
+    FeatureSpec(
+        "is_new_user",
+        _C,
+        "1 when the user signed up less than 14 days ago, else 0 (the fairness segment).",
+        standardize=False,
+    ),
+    FeatureSpec(
+        "local_hour_sin",
+        _C,
+        "sin(2*pi*h/24) of the user's local hour h (fractional).",
+        standardize=False,
+    ),
+    FeatureSpec(
+        "local_hour_cos",
+        _C,
+        "cos(2*pi*h/24) of the user's local hour h (fractional).",
+        standardize=False,
+    ),
+)
+"""User context features, in model order."""
+
+CANDIDATE_FEATURES: Final[tuple[FeatureSpec, ...]] = (
+    *(
+        FeatureSpec(
+            f"category_{c}", _T, f"1 when the tip's category is {c}, else 0.", standardize=False
+        )
+        for c in CATEGORIES
+    ),
+    FeatureSpec("tip_length_chars", _T, "Length of the tip text in characters.", Transform.LOG1P),
+    FeatureSpec("tip_age_days", _T, "Days since the tip was published.", Transform.LOG1P),
+    FeatureSpec(
+        "tip_prior_ctr",
+        _T,
+        "Smoothed historical click rate of the tip over all users; omit for a tip never shown.",
+        default=TIP_CTR_PRIOR,
+    ),
+    FeatureSpec(
+        "readability", _T, "Flesch reading ease of the tip text (0-100, higher is easier)."
+    ),
+    FeatureSpec(
+        "has_action_step",
+        _T,
+        "1 when the tip ends in one concrete action to take, else 0.",
+        standardize=False,
+    ),
+    FeatureSpec(
+        "topic_affinity",
+        _T,
+        "Share of the user's past likes in this tip's category; omit for a user with no likes.",
+        default=TOPIC_AFFINITY_PRIOR,
+    ),
+)
+"""Per-candidate tip features, in model order."""
+
+CONTEXT_FEATURE_NAMES: Final = tuple(f.name for f in CONTEXT_FEATURES)
+"""Context feature names in model order."""
+CANDIDATE_FEATURE_NAMES: Final = tuple(f.name for f in CANDIDATE_FEATURES)
+"""Candidate feature names in model order."""
+N_CONTEXT: Final = len(CONTEXT_FEATURES)
+"""Number of context features."""
+N_CANDIDATE: Final = len(CANDIDATE_FEATURES)
+"""Number of candidate features."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cross:
+    """A product of one normalised context feature and one normalised candidate feature."""
+
+    context: str
+    candidate: str
+
+    @property
+    def name(self) -> str:
+        """Design-matrix column name."""
+        return f"{self.context}*{self.candidate}"
+
+
+CROSSES: Final[tuple[Cross, ...]] = (
+    # New users react to different tips: short, easy, actionable ones.
+    Cross("is_new_user", "has_action_step"),
+    Cross("is_new_user", "tip_length_chars"),
+    Cross("is_new_user", "readability"),
+    # A new user's topic affinity rests on a handful of likes, so it should count for less.
+    Cross("is_new_user", "topic_affinity"),
+    # Users who like a lot follow their favourite topics more closely.
+    Cross("like_rate_30d", "topic_affinity"),
+    # Time of day matters per category (health tips in the morning, productivity at work hours).
+    Cross("local_hour_sin", "category_health"),
+    Cross("local_hour_cos", "category_health"),
+    Cross("local_hour_cos", "category_productivity"),
+)
+"""Context x candidate interactions appended to the design matrix, in column order."""
+
+DESIGN_COLUMNS: Final = (
+    *CONTEXT_FEATURE_NAMES,
+    *CANDIDATE_FEATURE_NAMES,
+    *(c.name for c in CROSSES),
+)
+"""Names of the design-matrix columns, in order (the intercept is kept apart)."""
+N_DESIGN: Final = len(DESIGN_COLUMNS)
+"""Width of the design matrix."""
+
+
+def specs(group: Group) -> tuple[FeatureSpec, ...]:
+    """The features of ``group``, in model order."""
+    return CONTEXT_FEATURES if group is Group.CONTEXT else CANDIDATE_FEATURES
+
+
+def _index(group: Group) -> dict[str, int]:
+    return {f.name: i for i, f in enumerate(specs(group))}
+
+
+_CROSS_LEFT: Final = np.array([_index(_C)[c.context] for c in CROSSES], dtype=np.intp)
+_CROSS_RIGHT: Final = np.array([_index(_T)[c.candidate] for c in CROSSES], dtype=np.intp)
+
+
+def _log1p_columns(group: Group) -> slice | npt.NDArray[np.intp]:
+    cols = [i for i, f in enumerate(specs(group)) if f.transform is Transform.LOG1P]
+    # Contiguous columns (the features above are ordered so) transform in place through a view.
+    if cols == list(range(cols[0], cols[-1] + 1)):
+        return slice(cols[0], cols[-1] + 1)
+    return np.array(cols, dtype=np.intp)
+
+
+_LOG1P_COLS: Final = {g: _log1p_columns(g) for g in Group}
+
+
+def defaults(group: Group) -> Float32Array:
+    """Raw defaults of ``group`` in model order, NaN for required features."""
+    return np.array([np.nan if f.default is None else f.default for f in specs(group)], dtype=DTYPE)
+
+
+def fill_defaults(raw: Float32Array, group: Group) -> Float32Array:
+    """Replace NaN (= not provided) by each feature's default; used on training rows.
+
+    Serving applies the same policy when a caller omits a name. A NaN left in a required column
+    raises ``ValueError``: training data must not silently invent a value either.
+    """
+    out = np.array(raw, dtype=DTYPE, copy=True)
+    missing = np.isnan(out)
+    if missing.any():
+        fill = np.broadcast_to(defaults(group), out.shape)
+        bad = missing & np.isnan(fill)
+        if bad.any():
+            col = int(np.flatnonzero(bad.any(axis=tuple(range(bad.ndim - 1))))[0])
+            raise ValueError(f"required {group} feature {specs(group)[col].name!r} has NaN")
+        out[missing] = fill[missing]
+    return out
+
+
+def transform(raw: npt.NDArray[Any], group: Group) -> Float64Array:
+    """Apply the fixed per-feature transforms (before z-scoring); returns a new float64 array."""
+    out = np.array(raw, dtype=np.float64, copy=True)
+    cols = _LOG1P_COLS[group]
+    if isinstance(cols, slice):
+        view = out[..., cols]
+        np.log1p(np.maximum(view, 0.0, out=view), out=view)
+    else:
+        out[..., cols] = np.log1p(np.maximum(out[..., cols], 0.0))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Normalization:
+    """Z-score parameters fitted on the training rows (after ``transform``), per group.
+
+    Features with ``standardize=False`` keep mean 0 and std 1, so one formula serves all columns.
+    """
+
+    context_mean: Float64Array
+    context_std: Float64Array
+    candidate_mean: Float64Array
+    candidate_std: Float64Array
+
+    @classmethod
+    def fit(cls, context_raw: Float32Array, candidates_raw: Float32Array) -> Normalization:
+        """Fit on raw training rows (defaults already filled), shapes (n, N_*)."""
+        mc, sc = _fit_group(transform(context_raw, _C), CONTEXT_FEATURES)
+        mt, st = _fit_group(transform(candidates_raw, _T), CANDIDATE_FEATURES)
+        return cls(mc, sc, mt, st)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` unless shapes match this module's features and values are sane."""
+        for label, arr, n in (
+            ("context_mean", self.context_mean, N_CONTEXT),
+            ("context_std", self.context_std, N_CONTEXT),
+            ("candidate_mean", self.candidate_mean, N_CANDIDATE),
+            ("candidate_std", self.candidate_std, N_CANDIDATE),
+        ):
+            if arr.shape != (n,) or arr.dtype != np.float64:
+                raise ValueError(
+                    f"{label}: expected float64 shape ({n},), got {arr.dtype} {arr.shape}"
+                )
+            if not np.isfinite(arr).all():
+                raise ValueError(f"{label}: non-finite value")
+        if (self.context_std <= 0).any() or (self.candidate_std <= 0).any():
+            raise ValueError("std: every standard deviation must be positive")
+
+    def normalize_context(self, raw: npt.NDArray[Any]) -> Float64Array:
+        """Raw context values, shape (N_CONTEXT,) or (n, N_CONTEXT) -> normalised float64."""
+        return _normalize(transform(raw, _C), self.context_mean, self.context_std)
+
+    def normalize_candidates(self, raw: npt.NDArray[Any]) -> Float64Array:
+        """Raw candidate values, shape (n, N_CANDIDATE) -> normalised float64."""
+        return _normalize(transform(raw, _T), self.candidate_mean, self.candidate_std)
+
+    def to_arrays(self) -> dict[str, Float64Array]:
+        """The parameters as named arrays, for the weights file."""
+        return {
+            "context_mean": self.context_mean,
+            "context_std": self.context_std,
+            "candidate_mean": self.candidate_mean,
+            "candidate_std": self.candidate_std,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, npt.NDArray[Any]]) -> Normalization:
+        """Inverse of ``to_arrays``; validates shapes against this module's features."""
+        norm = cls(
+            np.asarray(arrays["context_mean"]),
+            np.asarray(arrays["context_std"]),
+            np.asarray(arrays["candidate_mean"]),
+            np.asarray(arrays["candidate_std"]),
+        )
+        norm.check()
+        return norm
+
+    def describe(self) -> dict[str, list[dict[str, Any]]]:
+        """Model-card ``inputs`` section: every feature with its transform, default and z-score."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for group, mean, std in (
+            (_C, self.context_mean, self.context_std),
+            (_T, self.candidate_mean, self.candidate_std),
+        ):
+            out[group.value] = [
+                {
+                    "name": f.name,
+                    "description": f.description,
+                    "dtype": np.dtype(DTYPE).name,
+                    "transform": f.transform.value,
+                    "standardize": f.standardize,
+                    "mean": float(mean[i]),
+                    "std": float(std[i]),
+                    "default": f.default,
+                }
+                for i, f in enumerate(specs(group))
+            ]
+        return out
+
+
+def _fit_group(
+    transformed: Float64Array, group_specs: Sequence[FeatureSpec]
+) -> tuple[Float64Array, Float64Array]:
+    mean = transformed.mean(axis=0)
+    std = transformed.std(axis=0)
+    keep = np.array([not f.standardize for f in group_specs])
+    mean[keep] = 0.0
+    std[keep] = 1.0
+    # A constant column in a tiny training set must not divide by zero.
+    std[std < 1e-12] = 1.0
+    return mean, std
+
+
+def _normalize(t: Float64Array, mean: Float64Array, std: Float64Array) -> Float64Array:
+    t -= mean
+    t /= std
+    # Two ufuncs instead of np.clip: same result, a fraction of the call overhead on the hot path.
+    np.maximum(t, -Z_CLIP, out=t)
+    np.minimum(t, Z_CLIP, out=t)
+    return t
+
+
+def design_matrix(context: Float64Array, candidates: Float64Array) -> Float64Array:
+    """Build the model's design matrix from *normalised* features; used by training and serving.
+
+    ``context`` is one user (shape (N_CONTEXT,), broadcast to every candidate, the serving case)
+    or one row per candidate (shape (n, N_CONTEXT), the training and micro-batch case).
+    ``candidates`` has shape (n, N_CANDIDATE). Columns are ``DESIGN_COLUMNS``.
+    """
+    n = candidates.shape[0]
+    x = np.empty((n, N_DESIGN), dtype=np.float64)
+    x[:, :N_CONTEXT] = context
+    x[:, N_CONTEXT : N_CONTEXT + N_CANDIDATE] = candidates
+    np.multiply(
+        context[..., _CROSS_LEFT],
+        candidates[:, _CROSS_RIGHT],
+        out=x[:, N_CONTEXT + N_CANDIDATE :],
+    )
+    return x
+
+
+def rows_from_mappings(rows: Sequence[Mapping[str, float]], group: Group) -> Float32Array:
+    """Named rows (offline tools, model-card reference rows) -> raw matrix in model order.
+
+    Unknown names raise ``KeyError``; absent names take the default, and a required one absent
+    raises ``ValueError`` (through ``fill_defaults``).
+    """
+    index = _index(group)
+    out = np.full((len(rows), len(index)), np.nan, dtype=DTYPE)
+    for r, row in enumerate(rows):
+        for name, value in row.items():
+            if name not in index:
+                raise KeyError(f"unknown {group} feature {name!r}")
+            if not np.isfinite(value):
+                raise ValueError(f"{group} feature {name!r} must be finite, got {value!r}")
+            out[r, index[name]] = value
+    return fill_defaults(out, group)
