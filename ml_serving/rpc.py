@@ -183,7 +183,7 @@ def unary(
             call.finish("OK")
             return response
 
-        return wrapper
+        return wrapper  # type: ignore[return-value]  # functools.wraps loses the exact type
 
     return decorate
 
@@ -222,6 +222,6 @@ def server_streaming(
                 return
             call.finish("OK")
 
-        return wrapper
+        return wrapper  # type: ignore[return-value]  # functools.wraps loses the generator type
 
     return decorate

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -33,6 +33,8 @@ _FINISH = {
     "length": generation_pb2.FINISH_REASON_LENGTH,
     "content_filter": generation_pb2.FINISH_REASON_CONTENT_FILTER,
 }
+
+_NO_FINISH = generation_pb2.FINISH_REASON_UNSPECIFIED
 
 GenerateLike = pb.GenerateRequest | pb.GenerateStreamRequest
 
@@ -99,7 +101,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             prompt_hash=result.prompt_hash,
             model=result.model,
             usage=_usage(result.completion),
-            finish_reason=_FINISH.get(result.completion.finish_reason, 0),
+            finish_reason=_FINISH.get(result.completion.finish_reason, _NO_FINISH),
             fallback=result.fallback,
         )
 
@@ -121,7 +123,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     prompt_hash=end.prompt_hash,
                     model=end.model,
                     usage=_usage(end.completion),
-                    finish_reason=_FINISH.get(end.completion.finish_reason, 0),
+                    finish_reason=_FINISH.get(end.completion.finish_reason, _NO_FINISH),
                     fallback=end.fallback,
                 )
             )
@@ -146,7 +148,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
 
 def _generation_request(
-    request: GenerateLike, context: grpc.aio.ServicerContext[GenerateLike, object]
+    request: GenerateLike, context: grpc.aio.ServicerContext[Any, Any]
 ) -> GenerationRequest:
     tip = request.context
     if tip.experience_level not in _EXPERIENCE:

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2_grpc
 
 from ml_serving import server
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
@@ -44,7 +45,7 @@ async def channel(app: server.App) -> AsyncIterator[grpc.aio.Channel]:
 
 
 @pytest.fixture(scope="session")
-def stub(channel: grpc.aio.Channel) -> pb_grpc.InferenceServiceStub:
+def stub(channel: grpc.aio.Channel) -> pb_grpc.InferenceServiceAsyncStub:
     return pb_grpc.InferenceServiceStub(channel)
 
 
@@ -95,3 +96,8 @@ async def start_server() -> AsyncIterator[StartServer]:
     yield start
     for running in started:
         await running.stop(0)
+
+
+def health_stub(channel: grpc.aio.Channel) -> Any:
+    """The Health stub on an aio channel (its type stubs only describe sync channels)."""
+    return health_pb2_grpc.HealthStub(channel)

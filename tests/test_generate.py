@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from typing import Any
 
 import grpc
 import pytest
@@ -30,7 +31,7 @@ async def collect(stream: grpc.aio.UnaryStreamCall) -> tuple[str, generation_pb2
     return "".join(text), end
 
 
-async def test_generate_on_the_offline_route(stub: pb_grpc.InferenceServiceStub) -> None:
+async def test_generate_on_the_offline_route(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
     reply = await stub.Generate(generate_request())
     assert reply.text
     assert reply.prompt_version == "v1"
@@ -43,7 +44,7 @@ async def test_generate_on_the_offline_route(stub: pb_grpc.InferenceServiceStub)
 
 
 async def test_offline_route_is_deterministic_and_uses_the_context(
-    stub: pb_grpc.InferenceServiceStub,
+    stub: pb_grpc.InferenceServiceAsyncStub,
 ) -> None:
     first = await stub.Generate(generate_request())
     again = await stub.Generate(generate_request())
@@ -55,7 +56,7 @@ async def test_offline_route_is_deterministic_and_uses_the_context(
 
 @pytest.mark.parametrize("version", ["v1", "v2-mentor", "v3-few-shot"])
 async def test_request_version_is_used_and_echoed(
-    stub: pb_grpc.InferenceServiceStub, version: str
+    stub: pb_grpc.InferenceServiceAsyncStub, version: str
 ) -> None:
     reply = await stub.Generate(generate_request(prompt_version=version))
     assert (reply.prompt_version, reply.prompt_hash) == (version, LOCK[version])
@@ -75,7 +76,7 @@ async def test_server_default_applies_when_request_names_none(start_server: Star
 
 
 async def test_unknown_request_version_lists_the_known_ones(
-    stub: pb_grpc.InferenceServiceStub,
+    stub: pb_grpc.InferenceServiceAsyncStub,
 ) -> None:
     for call in (
         stub.Generate(generate_request(prompt_version="v9")),
@@ -95,7 +96,7 @@ async def test_unknown_default_version_stops_start_up() -> None:
         await server.start(make_settings(default_prompt_version="v0-missing"))
 
 
-async def test_stream_sends_deltas_then_totals(stub: pb_grpc.InferenceServiceStub) -> None:
+async def test_stream_sends_deltas_then_totals(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
     text, end = await collect(stub.GenerateStream(generate_stream_request()))
     unary = await stub.Generate(generate_request())
     assert text == unary.text
@@ -105,7 +106,7 @@ async def test_stream_sends_deltas_then_totals(stub: pb_grpc.InferenceServiceStu
     assert not end.fallback
 
 
-async def test_list_prompt_versions(stub: pb_grpc.InferenceServiceStub) -> None:
+async def test_list_prompt_versions(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
     reply = await stub.ListPromptVersions(pb.ListPromptVersionsRequest())
     assert [v.version for v in reply.versions] == ["v1", "v2-mentor", "v3-few-shot"]
     assert reply.default_version == "v1"
@@ -125,9 +126,9 @@ async def test_list_prompt_versions(stub: pb_grpc.InferenceServiceStub) -> None:
     ],
 )
 async def test_bad_generate_fields_are_invalid_argument(
-    stub: pb_grpc.InferenceServiceStub,
-    mutate,
-    field: str,  # type: ignore[no-untyped-def]
+    stub: pb_grpc.InferenceServiceAsyncStub,
+    mutate: Any,
+    field: str,
 ) -> None:
     request = generate_request()
     mutate(request)
@@ -138,7 +139,7 @@ async def test_bad_generate_fields_are_invalid_argument(
 
 
 async def test_generate_before_the_gateway_is_warm_is_failed_precondition(
-    app: server.App, stub: pb_grpc.InferenceServiceStub, monkeypatch: pytest.MonkeyPatch
+    app: server.App, stub: pb_grpc.InferenceServiceAsyncStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(app.generator, "gateway", None)
     with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from ml_serving._proto.mlserving.v1 import generation_pb2
+from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from tests.conftest import FAKE_KEY, StartServer, write_llm_config
 from tests.fake_openai import WORDS, FakeOpenAI
@@ -20,7 +21,7 @@ from tests.test_generate import LOCK, collect
 
 ALIASES = ["ok", "status-500", "status-429", "status-400", "slow", "broken-stream", "malformed"]
 
-Connect = Callable[..., Coroutine[Any, Any, pb_grpc.InferenceServiceStub]]
+Connect = Callable[..., Coroutine[Any, Any, pb_grpc.InferenceServiceAsyncStub]]
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ async def connect(
     channels: list[grpc.aio.Channel] = []
     upstream.delay_s, upstream.ttft_s, upstream.token_delay_s = 2.0, 0.0, 0.0
 
-    async def connect(alias: str, **overrides: Any) -> pb_grpc.InferenceServiceStub:
+    async def connect(alias: str, **overrides: Any) -> pb_grpc.InferenceServiceAsyncStub:
         config = overrides.pop("llm_config", None) or write_llm_config(
             tmp_path / "llm.yaml", upstream, ALIASES
         )
@@ -181,7 +182,7 @@ async def test_client_cancel_closes_the_upstream_request(
     cancelled = upstream.cancelled
     call = stub.GenerateStream(generate_stream_request(), timeout=10)
     first = await call.read()
-    assert first.text_delta
+    assert isinstance(first, pb.GenerateStreamResponse) and first.text_delta
     call.cancel()
     await _eventually(lambda: upstream.cancelled > cancelled and upstream.in_progress == 0)
 

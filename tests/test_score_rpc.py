@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -38,7 +39,9 @@ def offline_scores(request: pb.ScoreRequest, root: Path = REPO_MODELS) -> np.nda
     return model.predict(context, candidates)
 
 
-async def test_served_scores_equal_offline_predictions(stub: pb_grpc.InferenceServiceStub) -> None:
+async def test_served_scores_equal_offline_predictions(
+    stub: pb_grpc.InferenceServiceAsyncStub,
+) -> None:
     request = score_request(candidates=50)
     reply = await stub.Score(request)
     assert [s.id for s in reply.scores] == [c.id for c in request.candidates]
@@ -49,7 +52,9 @@ async def test_served_scores_equal_offline_predictions(stub: pb_grpc.InferenceSe
     assert ((served > 0) & (served < 1)).all()
 
 
-async def test_feature_order_is_by_name_not_position(stub: pb_grpc.InferenceServiceStub) -> None:
+async def test_feature_order_is_by_name_not_position(
+    stub: pb_grpc.InferenceServiceAsyncStub,
+) -> None:
     request = score_request()
     shuffled = pb.ScoreRequest()
     shuffled.CopyFrom(request)
@@ -63,7 +68,7 @@ async def test_feature_order_is_by_name_not_position(stub: pb_grpc.InferenceServ
     assert [s.score for s in a.scores] == [s.score for s in b.scores]
 
 
-async def test_ghz_score_config_request_is_scored(stub: pb_grpc.InferenceServiceStub) -> None:
+async def test_ghz_score_config_request_is_scored(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
     config = json.loads((GHZ / "score.json").read_text())
     assert config["call"] == "mlserving.v1.InferenceService.Score"
     request = json_format.ParseDict(config["data"], pb.ScoreRequest())
@@ -97,9 +102,9 @@ def _drop_context(r: pb.ScoreRequest, name: str) -> None:
     ],
 )
 async def test_bad_score_inputs_name_the_field(
-    stub: pb_grpc.InferenceServiceStub,
-    mutate,
-    field: str,  # type: ignore[no-untyped-def]
+    stub: pb_grpc.InferenceServiceAsyncStub,
+    mutate: Any,
+    field: str,
 ) -> None:
     request = score_request()
     mutate(request)
@@ -109,7 +114,9 @@ async def test_bad_score_inputs_name_the_field(
     assert (info.value.details() or "").startswith(f"{field}:")
 
 
-async def test_optional_features_take_the_card_default(stub: pb_grpc.InferenceServiceStub) -> None:
+async def test_optional_features_take_the_card_default(
+    stub: pb_grpc.InferenceServiceAsyncStub,
+) -> None:
     request = score_request()
     _drop_context(request, "like_rate_30d")
     reply = await stub.Score(request)

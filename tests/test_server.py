@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ml_serving import errors, server
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
-from tests.conftest import StartServer, write_llm_config
+from tests.conftest import StartServer, health_stub, write_llm_config
 from tests.fake_openai import FakeOpenAI
 from tests.requests import generate_request, score_request
 
 
 async def test_health_serving_for_overall_and_service(channel: grpc.aio.Channel) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
+    health = health_stub(channel)
     for name in ("", "mlserving.v1.InferenceService"):
         reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
@@ -29,9 +30,9 @@ async def test_health_serving_for_overall_and_service(channel: grpc.aio.Channel)
 async def test_reflection_lists_the_service_and_its_four_methods(
     channel: grpc.aio.Channel,
 ) -> None:
-    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    stub: Any = reflection_pb2_grpc.ServerReflectionStub(channel)  # type: ignore[arg-type]
 
-    async def ask(request: reflection_pb2.ServerReflectionRequest):  # type: ignore[no-untyped-def]
+    async def ask(request: reflection_pb2.ServerReflectionRequest) -> Any:
         async for reply in stub.ServerReflectionInfo(iter([request])):
             return reply
         raise AssertionError("no reflection reply")
@@ -55,7 +56,7 @@ async def test_reflection_lists_the_service_and_its_four_methods(
     assert methods == {"Score", "Generate", "GenerateStream", "ListPromptVersions"}
 
 
-async def test_request_id_is_echoed_or_generated(stub: pb_grpc.InferenceServiceStub) -> None:
+async def test_request_id_is_echoed_or_generated(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
     call = stub.ListPromptVersions(
         pb.ListPromptVersionsRequest(), metadata=(("x-request-id", "req-123"),)
     )
@@ -67,7 +68,7 @@ async def test_request_id_is_echoed_or_generated(stub: pb_grpc.InferenceServiceS
     assert len(generated) == 32
 
 
-async def test_request_id_comes_back_on_errors_too(stub: pb_grpc.InferenceServiceStub) -> None:
+async def test_request_id_comes_back_on_errors_too(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
     call = stub.Generate(
         generate_request(prompt_version="nope"), metadata=(("x-request-id", "err-1"),)
     )
@@ -135,7 +136,7 @@ class _Boom:
 )
 async def test_error_table_maps_every_row_and_leaks_nothing(
     app: server.App,
-    stub: pb_grpc.InferenceServiceStub,
+    stub: pb_grpc.InferenceServiceAsyncStub,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     raised: Exception,
@@ -158,12 +159,12 @@ async def test_error_table_maps_every_row_and_leaks_nothing(
 
 
 async def test_invalid_argument_carries_bad_request_details(
-    stub: pb_grpc.InferenceServiceStub,
+    stub: pb_grpc.InferenceServiceAsyncStub,
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.Score(score_request(candidates=0))
     raw = dict(info.value.trailing_metadata() or ())["grpc-status-details-bin"]
-    status = status_pb2.Status.FromString(raw)  # type: ignore[arg-type]
+    status = status_pb2.Status.FromString(raw)
     bad = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(bad)
     assert bad.field_violations[0].field == "candidates"

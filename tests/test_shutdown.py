@@ -14,10 +14,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
-from tests.conftest import write_llm_config
+from tests.conftest import health_stub, write_llm_config
 from tests.fake_openai import FakeOpenAI
 from tests.requests import generate_request, score_request
 
@@ -52,7 +52,7 @@ async def process(
     proc = subprocess.Popen([sys.executable, "-m", "ml_serving"], env=env, stderr=log)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as chan:
-            health = health_pb2_grpc.HealthStub(chan)
+            health = health_stub(chan)
             deadline = time.monotonic() + 60
             while True:
                 assert proc.poll() is None, log_path.read_text()
@@ -82,7 +82,7 @@ async def test_drain_on_signal(
     upstream.delay_s = 1.5
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as chan:
         stub = pb_grpc.InferenceServiceStub(chan)
-        health = health_pb2_grpc.HealthStub(chan)
+        health = health_stub(chan)
         watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE))
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
         in_flight = asyncio.ensure_future(stub.Generate(generate_request(), timeout=15))
