@@ -9,7 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
-from ml_serving import logs, server
+from ml_serving import logs, server, tracing
 from ml_serving.config import Settings
 from ml_serving.errors import ServingError
 
@@ -42,6 +42,11 @@ def main() -> int:
         print(f"ml-serving: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_json)
+    tracing.configure(
+        settings.otel_traces_exporter,
+        settings.otel_exporter_otlp_endpoint,
+        settings.otel_service_name,
+    )
     runner = asyncio.run
     if settings.uvloop:
         import uvloop

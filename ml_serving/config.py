@@ -46,6 +46,22 @@ class Settings(BaseSettings):
     log_json: bool = True
     """One JSON object per log line (for log shippers); false gives plain text."""
 
+    otel_traces_exporter: str = Field(
+        default="none", validation_alias=AliasChoices("OTEL_TRACES_EXPORTER")
+    )
+    """Standard OTEL_TRACES_EXPORTER: "otlp" turns tracing on (other OTEL_* tune the exporter)."""
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"
+        ),
+    )
+    """Standard OTLP endpoint variable; setting it also turns tracing on."""
+    otel_service_name: str = Field(
+        default="ml-serving", validation_alias=AliasChoices("OTEL_SERVICE_NAME")
+    )
+    """Standard OTEL_SERVICE_NAME for the spans' resource."""
+
     model_root: Path = REPO_MODELS
     """Root of the file-based model registry."""
     model_name: str = "tips-ranker"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ml_serving import errors
+from ml_serving import errors, tracing
 from ml_serving.prompt_context import PromptContext, TipSignals, assemble_context
 from ml_serving.prompts import PromptRegistry, PromptTemplate, fallback_tip
 
@@ -76,6 +77,8 @@ class Generator:
         self._fallback = fallback
         self.gateway: LLMGateway | None = None
         """Set by the server once LiteLLM is imported and warm; None means not ready."""
+        self.observer: LLMObserver | None = None
+        """Told about every upstream call (metrics); None means nobody listens."""
 
     def _prepare(
         self, request: GenerationRequest
@@ -102,14 +105,17 @@ class Generator:
         """One tip, unary."""
         template, context, messages, max_tokens, timeout_s = self._prepare(request)
         assert self.gateway is not None
+        call = _LLMCall(self.observer, self.gateway.route_model)
         try:
-            completion = await self.gateway.complete(
-                messages,
-                max_tokens=max_tokens,
-                temperature=request.temperature,
-                timeout_s=timeout_s,
-                offline_text=compose_offline_tip(template, context),
-            )
+            with call:
+                completion = await self.gateway.complete(
+                    messages,
+                    max_tokens=max_tokens,
+                    temperature=request.temperature,
+                    timeout_s=timeout_s,
+                    offline_text=compose_offline_tip(template, context),
+                )
+                call.done(completion)
         except _FALLBACK_COVERS as exc:
             if not self._fallback:
                 raise
@@ -130,30 +136,83 @@ class Generator:
         still fall back; after it, the stream ends with the error (text already sent stays)."""
         template, context, messages, max_tokens, timeout_s = self._prepare(request)
         assert self.gateway is not None
+        call = _LLMCall(self.observer, self.gateway.route_model)
         sent_any = False
         try:
-            async for event in self.gateway.stream(
-                messages,
-                max_tokens=max_tokens,
-                temperature=request.temperature,
-                timeout_s=timeout_s,
-                offline_text=compose_offline_tip(template, context),
-            ):
-                if isinstance(event, str):
-                    sent_any = True
-                    yield event
-                else:
-                    yield StreamEnd(
-                        template.version, template.content_hash, event.model, event, False
-                    )
+            with call:
+                async for event in self.gateway.stream(
+                    messages,
+                    max_tokens=max_tokens,
+                    temperature=request.temperature,
+                    timeout_s=timeout_s,
+                    offline_text=compose_offline_tip(template, context),
+                ):
+                    if isinstance(event, str):
+                        sent_any = True
+                        yield event
+                    else:
+                        call.done(event)
+                        yield StreamEnd(
+                            template.version, template.content_hash, event.model, event, False
+                        )
         except _FALLBACK_COVERS as exc:
             if sent_any or not self._fallback:
                 raise
-            logger.warning("every LLM route failed; streaming a fallback tip: %r", exc.__cause__)
+            logger.warning("every LLM route failed; streaming a fallback tip: %s", exc)
             completion = _fallback_completion(template, context)
             yield completion.text
             yield StreamEnd(
                 template.version, template.content_hash, completion.model, completion, True
+            )
+
+
+class LLMObserver(Protocol):
+    """Told about every upstream LLM call (metrics)."""
+
+    def llm_call(
+        self,
+        model: str,
+        seconds: float,
+        *,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        error: str | None = None,
+    ) -> None: ...
+
+
+class _LLMCall:
+    """Times one gateway call in a child span and reports its outcome to the observer."""
+
+    def __init__(self, observer: LLMObserver | None, model: str) -> None:
+        self._observer = observer
+        self._model = model
+        self._completion: Completion | None = None
+
+    def done(self, completion: Completion) -> None:
+        self._completion = completion
+
+    def __enter__(self) -> _LLMCall:
+        self._started = time.perf_counter()
+        self._span = tracing.child_span("llm.call", model=self._model)
+        self._span.__enter__()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        seconds = time.perf_counter() - self._started
+        self._span.__exit__(exc_type, exc, tb)
+        if self._observer is None or isinstance(exc, GeneratorExit):
+            return
+        if exc is not None:
+            reason = exc.code.name.lower() if isinstance(exc, errors.ServingError) else "cancelled"
+            self._observer.llm_call(self._model, seconds, error=reason)
+        elif self._completion is not None:
+            self._observer.llm_call(
+                self._completion.model,
+                seconds,
+                prompt_tokens=self._completion.prompt_tokens,
+                completion_tokens=self._completion.completion_tokens,
             )
 
 

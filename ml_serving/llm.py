@@ -202,6 +202,11 @@ class LLMGateway:
         settings = {**_DEFAULT_ROUTER_SETTINGS, **routes.router_settings}
         self._router = litellm.Router(model_list=[dict(e) for e in routes.model_list], **settings)
 
+    @property
+    def route_model(self) -> str:
+        """The configured model string of the route Generate uses (a metrics label)."""
+        return str(self._models[self.alias])
+
     async def warm_up(self) -> None:
         """Exercise the call path once without network (mock response), so the first real
         request does not pay for lazy imports and client set-up."""

@@ -7,7 +7,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
@@ -16,12 +16,13 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from ml_serving import errors
+from ml_serving import errors, tracing
 from ml_serving.logs import request_id_var
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("ml_serving.access")
 
+SERVICE = "mlserving.v1.InferenceService"
 REQUEST_ID_KEY = "x-request-id"
 _MAX_REQUEST_ID_LEN = 128
 
@@ -40,6 +41,16 @@ def annotate(**fields: Any) -> None:
         current.update(fields)
 
 
+class RpcObserver(Protocol):
+    """Told about every InferenceService RPC (metrics)."""
+
+    def rpc_started(self, method: str) -> None: ...
+
+    def rpc_finished(
+        self, method: str, code: str, seconds: float, notes: Mapping[str, Any]
+    ) -> None: ...
+
+
 @dataclass
 class Gate:
     """Admission control shared by every InferenceService RPC: a concurrency cap and draining."""
@@ -48,7 +59,7 @@ class Gate:
     in_flight: int = 0
     draining: bool = False
     shed: int = 0
-    observers: list[Callable[[str, str, float, dict[str, Any]], None]] = field(default_factory=list)
+    observers: list[RpcObserver] = field(default_factory=list)
 
     def admit(self) -> None:
         """Take a slot or raise: UNAVAILABLE while draining, RESOURCE_EXHAUSTED when full."""
@@ -101,7 +112,10 @@ class _Call:
         self.admitted = False
         self.started = time.perf_counter()
         self._tokens = (request_id_var.set(self.request_id), _annotations.set(self.notes))
+        self._span = tracing.RpcSpan(f"/{SERVICE}/{method}", context.invocation_metadata() or ())
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+        for observer in gate.observers:
+            observer.rpc_started(method)
 
     def admit(self) -> None:
         self.gate.admit()
@@ -118,14 +132,16 @@ class _Call:
             self.method,
             code,
             extra={
+                "request_id": self.request_id,
                 "method": self.method,
                 "code": code,
                 "duration_ms": round(elapsed * 1e3, 3),
                 **self.notes,
             },
         )
-        for observe in self.gate.observers:
-            observe(self.method, code, elapsed, self.notes)
+        for observer in self.gate.observers:
+            observer.rpc_finished(self.method, code, elapsed, self.notes)
+        self._span.end(code, self.notes)
         _annotations.reset(self._tokens[1])
         request_id_var.reset(self._tokens[0])
 

@@ -15,6 +15,7 @@ from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from ml_serving.config import Settings
 from ml_serving.generation import Generator
+from ml_serving.metrics import Metrics
 from ml_serving.model_registry import ModelHolder, ModelRegistry
 from ml_serving.prompts import PromptRegistry
 from ml_serving.servicer import InferenceServicer
@@ -54,6 +55,9 @@ class App:
     models: ModelHolder
     prompts: PromptRegistry
     generator: Generator
+    metrics: Metrics
+    metrics_port: int | None = None
+    """The bound /metrics port, or None when ML_SERVING_METRICS_PORT=0."""
     failure: str | None = None
     """Why start-up failed after listening began (e.g. a bad LLM config); None when fine."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -74,6 +78,7 @@ class App:
         for task in self._tasks:
             task.cancel()
         await self.server.stop(grace)
+        self.metrics.close()
         self._stopped.set()
         logger.info("stopped")
 
@@ -95,6 +100,8 @@ async def start(settings: Settings) -> App:
         timeout_margin_s=settings.llm_timeout_margin_s,
         fallback=settings.llm_fallback,
     )
+    metrics = Metrics(gate, models)
+    generator.observer = metrics
     server = grpc.aio.server(options=grpc_options(settings))
     pb_grpc.add_InferenceServiceServicer_to_server(
         InferenceServicer(settings, gate, models, prompts, generator), server
@@ -108,7 +115,9 @@ async def start(settings: Settings) -> App:
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-    app = App(settings, server, port, health_servicer, gate, models, prompts, generator)
+    app = App(settings, server, port, health_servicer, gate, models, prompts, generator, metrics)
+    if settings.metrics_port:
+        app.metrics_port = metrics.serve(settings.host, settings.metrics_port)
     app._tasks.append(asyncio.create_task(_warm_up(app), name="llm-warm-up"))
     app._tasks.append(asyncio.create_task(models.watch(settings.model_poll_s), name="model-watch"))
     logger.info(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from ml_serving import errors, rpc
+from ml_serving import errors, rpc, tracing
 from ml_serving._proto.mlserving.v1 import generation_pb2, prompt_pb2, scoring_pb2
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
@@ -64,15 +64,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.ScoreResponse:
         model = self._models.current  # one version for the whole request, even mid-promotion
         candidates = request.candidates
-        result = score(
-            model,
-            context_feature_names=request.context_feature_names,
-            context_values=request.context_values,
-            candidate_feature_names=request.candidate_feature_names,
-            candidate_ids=[c.id for c in candidates],
-            candidate_values=[c.values for c in candidates],
-            max_candidates=self._settings.max_candidates,
-        )
+        with tracing.child_span("score.model", candidates=len(candidates)):
+            result = score(
+                model,
+                context_feature_names=request.context_feature_names,
+                context_values=request.context_values,
+                candidate_feature_names=request.candidate_feature_names,
+                candidate_ids=[c.id for c in candidates],
+                candidate_values=[c.values for c in candidates],
+                max_candidates=self._settings.max_candidates,
+            )
         rpc.annotate(
             model=f"{result.model_name}:{result.model_version}", candidates=len(candidates)
         )
