@@ -178,7 +178,16 @@ def _register_offline_provider() -> None:
 
 
 def _quiet_litellm() -> None:
-    """Turn off per-call work we do not use: telemetry, message logging, debug info."""
+    """Turn off per-call work we do not use: telemetry, message logging, debug info.
+
+    LiteLLM also installs its own plain-text stderr handlers and logs every call at INFO:
+    drop them so its warnings reach our JSON handler once, and keep INFO out of production.
+    """
+    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+        litellm_logger = logging.getLogger(name)
+        litellm_logger.handlers.clear()
+        litellm_logger.propagate = True
+        litellm_logger.setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
     litellm.telemetry = False
     litellm.suppress_debug_info = True
     litellm.turn_off_message_logging = True

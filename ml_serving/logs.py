@@ -45,5 +45,3 @@ def configure(level: str, json_lines: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # LiteLLM logs every call at INFO; its warnings are all we want in production.
-    logging.getLogger("LiteLLM").setLevel(max(logging.WARNING, root.level))
