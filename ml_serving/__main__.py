@@ -9,7 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
-from ml_serving import logs, server, tracing
+from ml_serving import logs, security, server, tracing
 from ml_serving.config import Settings
 from ml_serving.errors import ServingError
 
@@ -35,7 +35,14 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> int:
-    """Run the server; exit 0 after a drain, 2 on a configuration error."""
+    """Run the server; exit 0 after a drain, 2 on a configuration or environment error."""
+    # Before anything else runs: a poisoned environment must not get to serve (or read keys).
+    problems = security.supply_chain_problems()
+    if problems:
+        print("ml-serving: refusing to start in this environment:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
     try:
         settings = Settings()
     except ValidationError as exc:

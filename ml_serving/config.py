@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -14,7 +15,12 @@ class Settings(BaseSettings):
     """Every knob of the server; the README's configuration table mirrors this class."""
 
     model_config = SettingsConfigDict(
-        env_prefix="ML_SERVING_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="ML_SERVING_",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        # Error text would otherwise quote the inputs, secrets (auth_token) included.
+        hide_input_in_errors=True,
     )
 
     host: str = "0.0.0.0"
@@ -91,3 +97,37 @@ class Settings(BaseSettings):
         ),
     )
     """Prompt version used when a request names none (env DEFAULT_PROMPT_VERSION, as the seed)."""
+
+    tls_cert_file: Path | None = None
+    """PEM certificate chain of the gRPC port; with tls_key_file it turns TLS on (no mesh)."""
+    tls_key_file: Path | None = None
+    """PEM private key of tls_cert_file; set both or neither."""
+    tls_client_ca_file: Path | None = None
+    """PEM CA bundle for mutual TLS: when set, clients must present a certificate it signed."""
+    auth_token: SecretStr | None = None
+    """Bearer token InferenceService calls must send (authorization: Bearer <token>); unset = off.
+    Health and reflection stay open for probes."""
+
+    @field_validator("auth_token")
+    @classmethod
+    def _check_auth_token(cls, token: SecretStr | None) -> SecretStr | None:
+        # Never echo the value: pydantic puts the input in its error text.
+        if token is not None and not _TOKEN_RE.fullmatch(token.get_secret_value()):
+            raise ValueError("must be 16 to 512 visible ASCII characters with no spaces")
+        return token
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "ML_SERVING_TLS_CERT_FILE and ML_SERVING_TLS_KEY_FILE must be set together"
+            )
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                "ML_SERVING_TLS_CLIENT_CA_FILE (mutual TLS) needs ML_SERVING_TLS_CERT_FILE and "
+                "ML_SERVING_TLS_KEY_FILE"
+            )
+        return self
+
+
+_TOKEN_RE = re.compile(r"[\x21-\x7e]{16,512}")

@@ -28,15 +28,32 @@ class InvalidArgument(ServingError):
         self.description = description
 
 
+def echo(value: str, limit: int = 64) -> str:
+    """``repr`` of a caller-sent value for an error message, cut to ``limit`` characters.
+
+    Messages travel in the grpc-message header, which clients cap (16 KiB hard): echoing a huge
+    value verbatim turned an INVALID_ARGUMENT into a client-side RESOURCE_EXHAUSTED.
+    """
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 class UnknownPromptVersion(InvalidArgument):
     """The requested prompt version is not in the registry; the message lists the known ones."""
 
     def __init__(self, version: str, known: Sequence[str], field: str = "prompt_version") -> None:
         super().__init__(
-            field, f"unknown prompt version {version!r}; known versions: {', '.join(known)}"
+            field, f"unknown prompt version {echo(version)}; known versions: {', '.join(known)}"
         )
         self.version = version
         self.known = tuple(known)
+
+
+class Unauthenticated(ServingError):
+    """The call carries no valid credentials (``authorization: Bearer <token>`` metadata)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class NotReady(ServingError):

@@ -106,19 +106,36 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_LiveState(gate, models))
+        # labels() costs microseconds per call; Score runs thousands of times a second, so the
+        # per-method children are looked up once and kept.
+        self._started: dict[str, Any] = {}
+        self._handling: dict[str, Any] = {}
+        self._handled: dict[tuple[str, str], Any] = {}
         gate.observers.append(self)
 
     def rpc_started(self, method: str) -> None:
         """Count an RPC that passed the door (admitted or not)."""
-        self.started.labels(_grpc_type(method), SERVICE, method).inc()
+        child = self._started.get(method)
+        if child is None:
+            child = self._started[method] = self.started.labels(_grpc_type(method), SERVICE, method)
+        child.inc()
 
     def rpc_finished(
         self, method: str, code: str, seconds: float, notes: Mapping[str, Any]
     ) -> None:
         """Count an RPC's outcome and its latency."""
-        kind = _grpc_type(method)
-        self.handled.labels(kind, SERVICE, method, code).inc()
-        self.handling.labels(kind, SERVICE, method).observe(seconds)
+        handled = self._handled.get((method, code))
+        if handled is None:
+            handled = self._handled[method, code] = self.handled.labels(
+                _grpc_type(method), SERVICE, method, code
+            )
+        handled.inc()
+        histogram = self._handling.get(method)
+        if histogram is None:
+            histogram = self._handling[method] = self.handling.labels(
+                _grpc_type(method), SERVICE, method
+            )
+        histogram.observe(seconds)
         if code == "OK" and "prompt_version" in notes:
             self.generate.labels(
                 method, notes["prompt_version"], str(bool(notes.get("fallback"))).lower()

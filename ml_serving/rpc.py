@@ -14,9 +14,11 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from pydantic import SecretStr
 
-from ml_serving import errors, tracing
+from ml_serving import errors, security, tracing
 from ml_serving.logs import request_id_var
 
 logger = logging.getLogger(__name__)
@@ -25,6 +27,10 @@ access_logger = logging.getLogger("ml_serving.access")
 SERVICE = "mlserving.v1.InferenceService"
 REQUEST_ID_KEY = "x-request-id"
 _MAX_REQUEST_ID_LEN = 128
+# Status messages ride in the grpc-message header (percent-encoded, so up to 9 bytes per
+# character) and clients refuse metadata over 16 KiB: a longer message would turn the status
+# into a client-side RESOURCE_EXHAUSTED. Domain messages stay far below this; it is a backstop.
+_MAX_DETAILS_CHARS = 512
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -60,6 +66,8 @@ class Gate:
     draining: bool = False
     shed: int = 0
     observers: list[RpcObserver] = field(default_factory=list)
+    auth_token: SecretStr | None = None
+    """Bearer token every call must carry (security.check_bearer); None turns auth off."""
 
     def admit(self) -> None:
         """Take a slot or raise: UNAVAILABLE while draining, RESOURCE_EXHAUSTED when full."""
@@ -83,6 +91,39 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return uuid.uuid4().hex
 
 
+class MalformedRequest:
+    """Stands in for request bytes that did not parse (see `lenient`); the RPC layer answers it
+    with INVALID_ARGUMENT after authentication and admission, like any other bad request."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def lenient(parse: Callable[[bytes], Req], type_name: str) -> Callable[[bytes], Req]:
+    """A request deserializer that never raises: undecodable bytes become a MalformedRequest.
+
+    gRPC's own handling of a deserializer error is UNKNOWN plus an ERROR traceback per call,
+    before any of this layer runs (no auth, request id, access log or metrics).
+    """
+
+    def parse_or_flag(raw: bytes) -> Req:
+        try:
+            return parse(raw)
+        except DecodeError as exc:
+            reason = str(exc).rpartition(": ")[2][:80]
+            return MalformedRequest(f"not a valid {type_name} message ({reason})")  # type: ignore[return-value]
+
+    return parse_or_flag
+
+
+def _clip(message: str) -> str:
+    if len(message) <= _MAX_DETAILS_CHARS:
+        return message
+    return message[: _MAX_DETAILS_CHARS - 3] + "..."
+
+
 def _status_details(exc: errors.ServingError) -> tuple[tuple[str, bytes], ...]:
     """google.rpc.BadRequest details for invalid arguments, so clients can read the field."""
     if not isinstance(exc, errors.InvalidArgument):
@@ -90,13 +131,15 @@ def _status_details(exc: errors.ServingError) -> tuple[tuple[str, bytes], ...]:
     bad_request = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(
-                field=exc.field, description=exc.description
+                field=exc.field, description=_clip(exc.description)
             )
         ]
     )
     detail = any_pb2.Any()
     detail.Pack(bad_request)
-    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc), details=[detail])
+    status = status_pb2.Status(
+        code=code_pb2.INVALID_ARGUMENT, message=_clip(str(exc)), details=[detail]
+    )
     return (("grpc-status-details-bin", status.SerializeToString()),)
 
 
@@ -112,14 +155,18 @@ class _Call:
         self.admitted = False
         self.started = time.perf_counter()
         self._tokens = (request_id_var.set(self.request_id), _annotations.set(self.notes))
-        self._span = tracing.RpcSpan(f"/{SERVICE}/{method}", context.invocation_metadata() or ())
+        self._span = tracing.rpc_span(f"/{SERVICE}/{method}", context.invocation_metadata() or ())
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
         for observer in gate.observers:
             observer.rpc_started(method)
 
-    def admit(self) -> None:
+    def admit(self, request: object) -> None:
+        # Credentials first: an unauthenticated caller never takes (or is counted against) a slot.
+        security.check_bearer(self.context.invocation_metadata(), self.gate.auth_token)
         self.gate.admit()
         self.admitted = True
+        if isinstance(request, MalformedRequest):
+            raise errors.InvalidArgument("request", request.reason)
 
     def finish(self, code: str) -> None:
         """Release the slot and write the access-log line (exactly once per RPC)."""
@@ -141,7 +188,8 @@ class _Call:
         )
         for observer in self.gate.observers:
             observer.rpc_finished(self.method, code, elapsed, self.notes)
-        self._span.end(code, self.notes)
+        if self._span is not None:
+            self._span.end(code, self.notes)
         _annotations.reset(self._tokens[1])
         request_id_var.reset(self._tokens[0])
 
@@ -150,7 +198,7 @@ class _Call:
         whose traceback goes to the log only."""
         trailing: tuple[tuple[str, str | bytes], ...] = ((REQUEST_ID_KEY, self.request_id),)
         if isinstance(exc, errors.ServingError):
-            code, details = exc.code, str(exc)
+            code, details = exc.code, _clip(str(exc))
             trailing += _status_details(exc)
         else:
             logger.error("unhandled error in %s", self.method, exc_info=exc)
@@ -188,7 +236,7 @@ def unary(
         ) -> Resp:
             call = _Call(self.gate, method, context)
             try:
-                call.admit()
+                call.admit(request)
                 response = await handler(self, request, context, *args, **kwargs)
             except asyncio.CancelledError:
                 call.finish("CANCELLED")
@@ -227,7 +275,7 @@ def server_streaming(
         ) -> AsyncIterator[Resp]:
             call = _Call(self.gate, method, context)
             try:
-                call.admit()
+                call.admit(request)
                 async for message in handler(self, request, context, *args, **kwargs):
                     yield message
             except (asyncio.CancelledError, GeneratorExit):

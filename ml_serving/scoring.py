@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ml_serving import features
-from ml_serving.errors import InvalidArgument
+from ml_serving.errors import InvalidArgument, echo
 from ml_serving.features import DTYPE, Float32Array, Float64Array, Group
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,17 @@ class Model:
             raise ValueError(
                 f"context: expected shape ({features.N_CONTEXT},), got {context.shape}"
             )
-        return self.predict_rows(context, candidates)
+        if candidates.ndim != 2 or candidates.shape[1] != features.N_CANDIDATE:
+            raise ValueError(
+                f"candidates: expected shape (n, {features.N_CANDIDATE}), got {candidates.shape}"
+            )
+        # One user: fold the context into the weights instead of building the design matrix.
+        norm = self.weights.normalization
+        weights, bias = features.collapse_context(
+            self.weights.coef, norm.normalize_context(context)
+        )
+        z = norm.normalize_candidates(candidates) @ weights + (bias + self.weights.intercept)
+        return sigmoid(z)
 
     def predict_rows(
         self, contexts: npt.NDArray[Any], candidates: npt.NDArray[Any]
@@ -157,12 +167,13 @@ def _alignment(group: Group, names: tuple[str, ...]) -> _Alignment:
     for i, name in enumerate(names):
         if name in first_seen:
             raise InvalidArgument(
-                f"{field}[{i}]", f"duplicate feature {name!r} (also at index {first_seen[name]})"
+                f"{field}[{i}]",
+                f"duplicate feature {echo(name)} (also at index {first_seen[name]})",
             )
         if name not in index:
             raise InvalidArgument(
                 f"{field}[{i}]",
-                f"unknown feature {name!r}; known: {', '.join(f.name for f in group_specs)}",
+                f"unknown feature {echo(name)}; known: {', '.join(f.name for f in group_specs)}",
             )
         first_seen[name] = i
     missing = [f.name for f in group_specs if f.required and f.name not in first_seen]
@@ -263,7 +274,7 @@ def _raise_bad_id(candidate_ids: Sequence[str]) -> NoReturn:
         if cid in first_index:
             raise InvalidArgument(
                 f"candidates[{i}].id",
-                f"duplicate id {cid!r} (also candidates[{first_index[cid]}].id)",
+                f"duplicate id {echo(cid)} (also candidates[{first_index[cid]}].id)",
             )
         first_index[cid] = i
     raise AssertionError("unreachable: the ids were found faulty")

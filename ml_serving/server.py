@@ -12,7 +12,6 @@ from grpc_reflection.v1alpha import reflection
 
 from ml_serving import rpc
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
-from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from ml_serving.config import Settings
 from ml_serving.generation import Generator
 from ml_serving.metrics import Metrics
@@ -92,7 +91,7 @@ async def start(settings: Settings) -> App:
     gateway in the background; readiness turns SERVING once it is warm."""
     prompts = PromptRegistry(default_version=settings.default_prompt_version)
     models = ModelHolder(ModelRegistry(settings.model_root), settings.model_name)
-    gate = rpc.Gate(limit=settings.max_concurrent_rpcs)
+    gate = rpc.Gate(limit=settings.max_concurrent_rpcs, auth_token=settings.auth_token)
     generator = Generator(
         prompts,
         default_max_tokens=settings.llm_default_max_tokens,
@@ -103,15 +102,13 @@ async def start(settings: Settings) -> App:
     metrics = Metrics(gate, models)
     generator.observer = metrics
     server = grpc.aio.server(options=grpc_options(settings))
-    pb_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(settings, gate, models, prompts, generator), server
-    )
+    _add_inference_service(InferenceServicer(settings, gate, models, prompts, generator), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = _add_port(server, settings)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -129,6 +126,53 @@ async def start(settings: Settings) -> App:
         },
     )
     return app
+
+
+def _add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """What the generated add_InferenceServiceServicer_to_server does, with request parsing
+    that never raises (rpc.lenient): undecodable bytes reach the RPC layer as INVALID_ARGUMENT."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["InferenceService"].methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        make_handler = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make_handler(
+            getattr(servicer, method.name),
+            request_deserializer=rpc.lenient(request_type.FromString, method.input_type.full_name),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _add_port(server: grpc.aio.Server, settings: Settings) -> int:
+    """Bind the gRPC port: TLS when a certificate and key are set (mutual TLS with a client CA),
+    plaintext otherwise (behind a mesh, whose sidecar terminates mTLS)."""
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return server.add_insecure_port(address)
+    client_ca = settings.tls_client_ca_file
+    credentials = grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca else None,
+        require_client_auth=client_ca is not None,
+    )
+    try:
+        port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        # gRPC only says "failed to bind"; the usual cause here is a bad PEM or a key that does
+        # not match the certificate (the C core logs which).
+        raise ValueError(
+            f"cannot serve TLS on {address}: check that {settings.tls_cert_file} and "
+            f"{settings.tls_key_file} are a PEM certificate chain and its key, and that the "
+            "port is free"
+        ) from exc
+    logger.info("TLS on", extra={"mutual_tls": client_ca is not None})
+    return port
 
 
 async def _warm_up(app: App) -> None:

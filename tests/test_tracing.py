@@ -25,6 +25,7 @@ def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     # The module-level tracer is a proxy; point it at an in-memory provider for this test only.
     monkeypatch.setattr(tracing, "tracer", provider.get_tracer("ml_serving"))
+    monkeypatch.setattr(tracing, "enabled", True)
     yield exporter
     provider.shutdown()
 
@@ -55,3 +56,5 @@ async def test_rpc_spans_follow_incoming_context_and_have_children(
 
 def test_tracing_is_off_unless_configured() -> None:
     assert tracing.configure("none", None, "ml-serving") is False
+    assert tracing.enabled is False
+    assert tracing.rpc_span("/s/m", ()) is None
