@@ -1,0 +1,1 @@
+"""ml-serving's own load generator and benchmark: `python -m bench` (see bench/RESULTS.md)."""

@@ -1,0 +1,232 @@
+"""The processes the bench starts: our server (`python -m ml_serving`), the echo server and the
+fake LLM upstream; each on loopback, each watched for memory and CPU through /proc."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.scenarios import REPO
+
+SERVICE_NAME = "mlserving.v1.InferenceService"
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (not idle or waiting on I/O) since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / _CLK_TCK
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (the server binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The parent's environment without ML_SERVING_* / DEFAULT_PROMPT_VERSION, plus `extra`:
+    the bench decides every server setting it does not leave at its default."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("ML_SERVING_") and k != "DEFAULT_PROMPT_VERSION"
+    }
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    env.update(extra)
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the bench process dies (Linux), so no
+    server outlives an interrupted run."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Proc:
+    """A child process with its log file; stats from /proc/<pid>."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path, cwd: Path):
+        self.name = name
+        self.log = log
+        self._log_file: IO[bytes] = log.open("wb")
+        self.popen = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE if name != "server" else self._log_file,
+            stderr=self._log_file,
+            preexec_fn=_die_with_parent,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def read_port(self, timeout_s: float = 60.0) -> int:
+        """Wait for the child's "PORT <n>" line (echo server, upstream)."""
+        assert self.popen.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = self.popen.stdout.readline().decode()
+            if line.startswith("PORT "):
+                return int(line.split()[1])
+            if not line and self.popen.poll() is not None:
+                break
+        raise RuntimeError(f"{self.name} did not start:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        self._log_file.flush()
+        text = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def status_kb(self) -> dict[str, int]:
+        """VmRSS and VmHWM (peak RSS) in KiB from /proc/<pid>/status; {} once it has exited."""
+        out: dict[str, int] = {}
+        if not self.alive():
+            return out
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0])
+        return out
+
+    def reset_peak(self) -> bool:
+        """Reset VmHWM to the current RSS (Linux clear_refs 5); False when not allowed."""
+        try:
+            with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the process (all threads) so far; 0 once exited."""
+        if not self.alive():
+            return 0.0
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        for stream in (self.popen.stdin, self.popen.stdout):
+            if stream is not None:
+                stream.close()
+        self._log_file.close()
+
+
+def start_server(env_extra: dict[str, str], log: Path, cwd: Path) -> tuple[Proc, int]:
+    """`python -m ml_serving` on a free loopback port, metrics off; returns once the process
+    listens (see wait_ready for readiness)."""
+    port = free_port()
+    env = clean_env(
+        ML_SERVING_HOST="127.0.0.1",
+        ML_SERVING_PORT=str(port),
+        ML_SERVING_METRICS_PORT="0",
+        ML_SERVING_SHUTDOWN_GRACE_S="5",
+        **env_extra,
+    )
+    proc = Proc("server", [sys.executable, "-m", "ml_serving"], env, log, cwd)
+    return proc, port
+
+
+def wait_ready(proc: Proc, port: int, timeout_s: float = 120.0) -> float:
+    """Poll health for mlserving.v1.InferenceService until SERVING; return seconds waited."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {proc.popen.returncode}:\n{proc.log_tail()}"
+                )
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return time.monotonic() - started
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"server not SERVING after {timeout_s:.0f}s:\n{proc.log_tail()}")
+
+
+def health(port: int, timeout_s: float = 5.0) -> dict[str, Any]:
+    """One readiness check: {"status": SERVING | NOT_SERVING | <gRPC code>, "ms": latency}."""
+    started = time.monotonic()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s
+            )
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.RpcError as exc:
+            status = exc.code().name
+    return {"status": status, "ms": round((time.monotonic() - started) * 1e3, 1)}
+
+
+def start_echo(uvloop: bool, log: Path, cwd: Path) -> tuple[Proc, int]:
+    argv = [sys.executable, "-m", "bench.echo", "--uvloop" if uvloop else "--no-uvloop"]
+    proc = Proc("echo", argv, clean_env(), log, cwd)
+    return proc, proc.read_port()
+
+
+def start_upstream(ttft_s: float, token_delay_s: float, log: Path, cwd: Path) -> tuple[Proc, int]:
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.upstream",
+        f"--ttft={ttft_s}",
+        f"--token-delay={token_delay_s}",
+    ]
+    proc = Proc("upstream", argv, clean_env(), log, cwd)
+    return proc, proc.read_port()
+
+
+def upstream_stats(proc: Proc, reset: bool = False) -> dict[str, Any]:
+    """The upstream's counters; with reset, the peak restarts from now (after this reading)."""
+    return _upstream_command(proc, "reset" if reset else "stats")
+
+
+def upstream_pace(proc: Proc, ttft_s: float, token_delay_s: float) -> None:
+    """Change the upstream's TTFT and delay between tokens for the calls that follow."""
+    _upstream_command(proc, f"pace {ttft_s} {token_delay_s}")
+
+
+def _upstream_command(proc: Proc, command: str) -> dict[str, Any]:
+    assert proc.popen.stdin is not None and proc.popen.stdout is not None
+    proc.popen.stdin.write(command.encode() + b"\n")
+    proc.popen.stdin.flush()
+    line = proc.popen.stdout.readline().decode()
+    return {k: int(v) for k, v in (pair.split("=") for pair in line.split())}
