@@ -17,7 +17,7 @@ PROTO_SRC := $(wildcard protos/mlserving/v1/*.proto)
 PROTO_OUT := ml_serving/_proto
 
 .PHONY: help install proto proto-ts check-gen lint breaking test test-py test-ts run train lock \
-	bench bench-check bench-smoke docker ci clean
+	bench bench-check bench-smoke stress soak docker ci clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -94,6 +94,12 @@ bench-check: $(PY_STAMP) ## fail when bench/results.json breaks a ratio in bench
 
 bench-smoke: $(PY_STAMP) ## a short run of every scenario that fails on any error status
 	$(PY) -m bench --smoke
+
+stress: $(PY_STAMP) ## 1,000 concurrent GenerateStream calls through a server subprocess (~2 min)
+	ML_SERVING_STRESS=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_faults_under_load.py -k 1000 -s
+
+soak: $(PY_STAMP) ## mixed load on a server subprocess for SOAK_SECONDS (120): fails on errors or RSS growth
+	$(PY) -m scripts.soak
 
 docker: ## build the container image (needs a Docker engine)
 	docker build -t ml-serving:0.1.0 .

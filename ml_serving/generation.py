@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -131,30 +132,33 @@ class Generator:
             completion, fallback=False,
         )  # fmt: skip
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | StreamEnd]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[str | StreamEnd, None]:
         """Text deltas as they arrive, then a StreamEnd. A failure before the first delta may
         still fall back; after it, the stream ends with the error (text already sent stays)."""
         template, context, messages, max_tokens, timeout_s = self._prepare(request)
         assert self.gateway is not None
         call = _LLMCall(self.observer, self.gateway.route_model)
         sent_any = False
+        events = self.gateway.stream(
+            messages,
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            timeout_s=timeout_s,
+            offline_text=compose_offline_tip(template, context),
+        )
         try:
+            # aclosing: if our consumer goes away, the upstream stream closes now, not at GC.
             with call:
-                async for event in self.gateway.stream(
-                    messages,
-                    max_tokens=max_tokens,
-                    temperature=request.temperature,
-                    timeout_s=timeout_s,
-                    offline_text=compose_offline_tip(template, context),
-                ):
-                    if isinstance(event, str):
-                        sent_any = True
-                        yield event
-                    else:
-                        call.done(event)
-                        yield StreamEnd(
-                            template.version, template.content_hash, event.model, event, False
-                        )
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        if isinstance(event, str):
+                            sent_any = True
+                            yield event
+                        else:
+                            call.done(event)
+                            yield StreamEnd(
+                                template.version, template.content_hash, event.model, event, False
+                            )
         except _FALLBACK_COVERS as exc:
             if sent_any or not self._fallback:
                 raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -118,6 +119,12 @@ def lenient(parse: Callable[[bytes], Req], type_name: str) -> Callable[[bytes], 
     return parse_or_flag
 
 
+async def _aclose(stream: object) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 def _clip(message: str) -> str:
     if len(message) <= _MAX_DETAILS_CHARS:
         return message
@@ -190,8 +197,11 @@ class _Call:
             observer.rpc_finished(self.method, code, elapsed, self.notes)
         if self._span is not None:
             self._span.end(code, self.notes)
-        _annotations.reset(self._tokens[1])
-        request_id_var.reset(self._tokens[0])
+        # A stream finalised after a cancel runs here in another Context, where these tokens
+        # cannot be reset (nor need to be: the call's own Context is gone).
+        with contextlib.suppress(ValueError):
+            _annotations.reset(self._tokens[1])
+            request_id_var.reset(self._tokens[0])
 
     async def fail(self, exc: BaseException) -> None:
         """End the RPC with the status for exc; anything not a ServingError is a fixed INTERNAL
@@ -274,16 +284,22 @@ def server_streaming(
             **kwargs: P.kwargs,
         ) -> AsyncIterator[Resp]:
             call = _Call(self.gate, method, context)
+            stream = handler(self, request, context, *args, **kwargs)
             try:
                 call.admit(request)
-                async for message in handler(self, request, context, *args, **kwargs):
+                async for message in stream:
                     yield message
             except (asyncio.CancelledError, GeneratorExit):
+                # GeneratorExit: gRPC dropped this generator (the client cancelled while a
+                # message was being sent) and the event loop is finalising it.
                 call.finish("CANCELLED")
                 raise
             except Exception as exc:
                 await call.fail(exc)
                 return
+            finally:
+                # Close the handler's stream (and its upstream call) now, not at GC.
+                await _aclose(stream)
             call.finish("OK")
 
         return wrapper  # type: ignore[return-value]  # functools.wraps loses the generator type

@@ -81,12 +81,14 @@ PTH_ALLOWED: Final[tuple[tuple[re.Pattern[str], re.Pattern[str]], ...]] = (
 """(file name, import line) pairs a .pth start-up hook may be; anything else is refused."""
 
 
-def check_litellm_release(
-    version_of: Callable[[str], str] = importlib.metadata.version,
-) -> list[str]:
-    """Problems with the installed LiteLLM: a release known to be malicious."""
+def check_litellm_release(version_of: Callable[[str], str] | None = None) -> list[str]:
+    """Problems with the installed LiteLLM: a release known to be malicious.
+
+    ``version_of`` defaults to ``importlib.metadata.version``: the installed distribution's
+    metadata, read without importing litellm (importing a malicious release runs it).
+    """
     try:
-        version = version_of("litellm")
+        version = (version_of or importlib.metadata.version)("litellm")
     except importlib.metadata.PackageNotFoundError:
         return []  # nothing installed, nothing to refuse; the LLM gateway reports its own error
     if version in KNOWN_BAD_LITELLM:
@@ -148,7 +150,7 @@ def _shorten(line: str, limit: int = 120) -> str:
 
 def supply_chain_problems(
     *,
-    version_of: Callable[[str], str] = importlib.metadata.version,
+    version_of: Callable[[str], str] | None = None,
     dirs: Sequence[Path] | None = None,
 ) -> list[str]:
     """Everything that should stop the server from starting in this environment."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -111,22 +112,26 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         request: pb.GenerateStreamRequest,
         context: grpc.aio.ServicerContext[pb.GenerateStreamRequest, pb.GenerateStreamResponse],
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async for event in self._generator.stream(_generation_request(request, context)):
-            if isinstance(event, str):
-                yield pb.GenerateStreamResponse(text_delta=event)
-                continue
-            end: StreamEnd = event
-            rpc.annotate(prompt_version=end.prompt_version, model=end.model, fallback=end.fallback)
-            yield pb.GenerateStreamResponse(
-                end=generation_pb2.GenerateStreamEnd(
-                    prompt_version=end.prompt_version,
-                    prompt_hash=end.prompt_hash,
-                    model=end.model,
-                    usage=_usage(end.completion),
-                    finish_reason=_FINISH.get(end.completion.finish_reason, _NO_FINISH),
-                    fallback=end.fallback,
+        stream = self._generator.stream(_generation_request(request, context))
+        async with contextlib.aclosing(stream) as events:  # closed at once if the call ends
+            async for event in events:
+                if isinstance(event, str):
+                    yield pb.GenerateStreamResponse(text_delta=event)
+                    continue
+                end: StreamEnd = event
+                rpc.annotate(
+                    prompt_version=end.prompt_version, model=end.model, fallback=end.fallback
                 )
-            )
+                yield pb.GenerateStreamResponse(
+                    end=generation_pb2.GenerateStreamEnd(
+                        prompt_version=end.prompt_version,
+                        prompt_hash=end.prompt_hash,
+                        model=end.model,
+                        usage=_usage(end.completion),
+                        finish_reason=_FINISH.get(end.completion.finish_reason, _NO_FINISH),
+                        fallback=end.fallback,
+                    )
+                )
 
     @rpc.unary("ListPromptVersions")
     async def ListPromptVersions(

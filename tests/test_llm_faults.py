@@ -21,7 +21,7 @@ from tests.test_generate import LOCK, collect
 
 ALIASES = ["ok", "status-500", "status-429", "status-400", "slow", "broken-stream", "malformed"]
 
-Connect = Callable[..., Coroutine[Any, Any, pb_grpc.InferenceServiceAsyncStub]]
+Connect = Callable[..., Coroutine[Any, Any, "pb_grpc.InferenceServiceAsyncStub"]]
 
 
 @pytest.fixture

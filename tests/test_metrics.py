@@ -16,7 +16,6 @@ from tests.fake_openai import FakeOpenAI
 from tests.requests import generate_request, generate_stream_request, score_request
 from tests.test_shutdown import free_port
 
-
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
