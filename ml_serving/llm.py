@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,7 @@ def _register_offline_provider() -> None:
 
 
 def _quiet_litellm() -> None:
-    """Turn off per-call work we do not use: telemetry, message logging, debug info.
+    """Turn off per-call work we do not use: telemetry, debug info, message redaction.
 
     LiteLLM also installs its own plain-text stderr handlers and logs every call at INFO:
     drop them so its warnings reach our JSON handler once, and keep INFO out of production.
@@ -190,7 +191,8 @@ def _quiet_litellm() -> None:
         litellm_logger.setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
     litellm.telemetry = False
     litellm.suppress_debug_info = True
-    litellm.turn_off_message_logging = True
+    # No logging callback is registered, so nothing is logged; True only deep-copies responses.
+    litellm.turn_off_message_logging = False
 
 
 class LLMGateway:
@@ -262,7 +264,7 @@ class LLMGateway:
         temperature: float | None,
         timeout_s: float | None,
         offline_text: str,
-    ) -> AsyncIterator[str | Completion]:
+    ) -> AsyncGenerator[str | Completion, None]:
         """Yield text deltas as they arrive, then one Completion with the totals (empty text)."""
         model = self._models[self.alias]
         prompt_tokens = completion_tokens = 0
@@ -275,21 +277,26 @@ class LLMGateway:
                     stream_options={"include_usage": True},
                     **self._call_args(messages, max_tokens, temperature, timeout_s, offline_text),
                 )
-                async for chunk in response:
-                    model = self._answered_by(chunk, model)
-                    usage = getattr(chunk, "usage", None)
-                    if usage is not None:
-                        prompt_tokens = int(usage.prompt_tokens or 0)
-                        completion_tokens = int(usage.completion_tokens or 0)
-                    if not chunk.choices:
-                        continue
-                    choice = chunk.choices[0]
-                    if choice.finish_reason:
-                        finish_reason = choice.finish_reason
-                    delta = choice.delta.content
-                    if delta:
-                        pieces += 1
-                        yield delta
+                try:
+                    async for chunk in response:
+                        model = self._answered_by(chunk, model)
+                        usage = getattr(chunk, "usage", None)
+                        if usage is not None:
+                            prompt_tokens = int(usage.prompt_tokens or 0)
+                            completion_tokens = int(usage.completion_tokens or 0)
+                        if not chunk.choices:
+                            continue
+                        choice = chunk.choices[0]
+                        if choice.finish_reason:
+                            finish_reason = choice.finish_reason
+                        delta = choice.delta.content
+                        if delta:
+                            pieces += 1
+                            yield delta
+                finally:
+                    # Now, not when garbage collected: a caller that went away (a cancelled
+                    # RPC) must free its upstream connection at once.
+                    await _aclose(response)
         except BaseException as exc:
             raise _map_exception(exc) from exc
         if completion_tokens == 0:
@@ -313,7 +320,8 @@ class LLMGateway:
         if temperature is not None:
             args["temperature"] = temperature
         if timeout_s is not None:
-            args["timeout"] = timeout_s
+            # Rounded up: LiteLLM makes a client per timeout value; asyncio.timeout stays exact.
+            args["timeout"] = float(math.ceil(timeout_s))
         return args
 
     def _answered_by(self, response: Any, default: str | None = None) -> str:
@@ -325,9 +333,18 @@ class LLMGateway:
         return default or self._models[self.alias]
 
 
+async def _aclose(stream: object) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 def _map_exception(exc: BaseException) -> BaseException:
     """Map a LiteLLM / provider exception onto the error table (CancelledError passes through)."""
-    logger.info("LLM call failed: %s", type(exc).__name__, exc_info=exc)
+    # The type is enough for operators; provider messages can quote the completion, so the
+    # traceback (and its text) goes out only at DEBUG, like prompts and completions.
+    logger.info("LLM call failed: %s", type(exc).__name__)
+    logger.debug("LLM call failure detail", exc_info=exc)
     if isinstance(exc, asyncio.CancelledError | errors.ServingError):
         return exc
     if isinstance(exc, TimeoutError | llm_errors.Timeout):

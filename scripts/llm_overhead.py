@@ -1,0 +1,497 @@
+"""CPU overhead of our LLM path over a raw HTTP client, against a fake OpenAI upstream.
+
+Every client runs in its own worker process, so each one's CPU time is its own (process CPU
+time, all threads, user + sys: LiteLLM does part of every call in a thread pool and its
+success logging in background tasks, and both count). The fake upstream (tests.fake_openai)
+runs in another process, so its CPU is never counted. Workers:
+
+    raw          httpx.AsyncClient: one POST, the JSON parsed (streams: every SSE line parsed)
+    acompletion  bare litellm.acompletion with the same global LiteLLM settings as the gateway
+    gateway      ml_serving.llm.LLMGateway (its Router, default router_settings), called with a
+                 deadline-derived timeout_s as Generate passes it (a new value on every call)
+    <name>       one per --baseline-llm FILE (named after the file): the same gateway worker
+                 from another copy of llm.py, for before/after, e.g. the committed one:
+                 `git show HEAD:ml_serving/llm.py > /tmp/llm_head.py`
+
+Each worker makes --warmup calls of each kind first. Then, per round, each worker in turn
+(the order rotates every round) makes --calls unary calls and --streams streamed calls while
+the others wait; the report gives, per worker, the median over the rounds of: CPU ms per unary
+call, wall p50 ms per unary call, CPU ms per stream and per streamed token; and the median over
+the rounds of the same round's difference to the raw client (and to bare acompletion). Several
+interleaved rounds, paired differences and medians, because shared machines are noisy.
+
+    .venv/bin/python -m scripts.llm_overhead                  # 9 rounds x (100 unary + 20 streams)
+    .venv/bin/python -m scripts.llm_overhead --rounds 7 --json overhead.json
+    .venv/bin/python -m scripts.llm_overhead --baseline-llm /tmp/llm_head.py --count-calls
+
+--count-calls adds a noise-free complement: Python function calls (all threads) per unary
+call and per streamed token, counted by extra workers after the timed rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, ModuleType
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "openai/gpt-4o-mini"
+"""A model LiteLLM knows (as production routes name them); the fake upstream answers any name."""
+API_KEY = "sk-llm-overhead-not-a-real-key"
+MESSAGES = (
+    {"role": "system", "content": "You are a concise sleep coach. " * 30},
+    {"role": "user", "content": "Give me one small tip about sleep for tonight."},
+)
+MAX_TOKENS = 64
+MARGIN_S = 0.05
+"""Kept back from the deadline, as ML_SERVING_LLM_TIMEOUT_MARGIN_S does."""
+KINDS = ("raw", "acompletion", "gateway", "baseline")
+
+
+# --- the fake upstream (its own process) ---------------------------------------------------------
+
+
+async def _serve_upstream(tokens: int) -> None:
+    from tests.fake_openai import FakeOpenAI
+
+    fake = await FakeOpenAI(tokens=tokens).start()
+    print(fake.port, flush=True)
+    # Serve until the parent closes our stdin (or dies).
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await fake.stop()
+
+
+# --- workers (one process each) ------------------------------------------------------------------
+
+Call = Callable[[], Awaitable[int]]
+"""One call; returns the number of text deltas it received (1 for a unary call)."""
+
+
+def _load_llm(path: Path | None) -> ModuleType:
+    if path is None:
+        from ml_serving import llm
+
+        return llm
+    spec = importlib.util.spec_from_file_location("ml_serving_llm_baseline", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _raw_calls(base: str) -> tuple[Call, Call]:
+    import httpx
+
+    client = httpx.AsyncClient(timeout=30.0)
+    body = {"model": "ok", "messages": list(MESSAGES), "max_tokens": MAX_TOKENS}
+
+    async def unary() -> int:
+        response = await client.post(f"{base}/chat/completions", json=body)
+        response.raise_for_status()
+        response.json()
+        return 1
+
+    async def stream() -> int:
+        deltas = 0
+        payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        async with client.stream("POST", f"{base}/chat/completions", json=payload) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        deltas += 1
+        return deltas
+
+    return unary, stream
+
+
+def _acompletion_calls(base: str) -> tuple[Call, Call]:
+    llm = _load_llm(None)
+    llm._quiet_litellm()  # the same global LiteLLM settings the gateway runs with
+    import litellm
+
+    common: dict[str, Any] = {
+        "model": MODEL,
+        "api_base": base,
+        "api_key": API_KEY,
+        "max_tokens": MAX_TOKENS,
+        "timeout": 10.0,
+    }
+
+    async def unary() -> int:
+        response = await litellm.acompletion(messages=[dict(m) for m in MESSAGES], **common)
+        _ = response.choices[0].message.content
+        return 1
+
+    async def stream() -> int:
+        deltas = 0
+        response = await litellm.acompletion(
+            messages=[dict(m) for m in MESSAGES],
+            stream=True,
+            stream_options={"include_usage": True},
+            **common,
+        )
+        async for chunk in response:
+            if chunk.choices and chunk.choices[0].delta.content:
+                deltas += 1
+        return deltas
+
+    return unary, stream
+
+
+def _gateway_calls(base: str, llm_file: Path | None, deadline_s: float) -> tuple[Call, Call]:
+    llm = _load_llm(llm_file)
+    route = {"model": MODEL, "api_base": base, "api_key": API_KEY, "timeout": 20}
+    routes = llm.RouteConfig(
+        model_list=({"model_name": "bench", "litellm_params": route},), router_settings={}
+    )
+    gateway = llm.LLMGateway(routes, "bench")
+    loop = asyncio.get_running_loop()
+
+    def timeout_s(deadline: float) -> float:
+        # As generation.py does: what is left of the caller's deadline, less the margin.
+        return deadline - loop.time() - MARGIN_S
+
+    async def unary() -> int:
+        deadline = loop.time() + deadline_s
+        completion = await gateway.complete(
+            MESSAGES, max_tokens=MAX_TOKENS, temperature=None,
+            timeout_s=timeout_s(deadline), offline_text="",
+        )  # fmt: skip
+        _ = completion.text
+        return 1
+
+    async def stream() -> int:
+        deadline = loop.time() + deadline_s
+        deltas = 0
+        events: AsyncIterator[Any] = gateway.stream(
+            MESSAGES, max_tokens=MAX_TOKENS, temperature=None,
+            timeout_s=timeout_s(deadline), offline_text="",
+        )  # fmt: skip
+        async for event in events:
+            if isinstance(event, str):
+                deltas += 1
+        return deltas
+
+    return unary, stream
+
+
+class _CallCounter:
+    """Python function calls in every thread (a noise-free complement to CPU time): installed
+    before any thread starts, counting only while on. It slows everything it watches, so only
+    workers started with --count-calls have it."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.calls = 0
+
+    def __call__(self, frame: FrameType, event: str, arg: object) -> None:
+        if self.on and event == "call":
+            self.calls += 1
+
+    def install(self) -> None:
+        threading.setprofile(self)
+        sys.setprofile(self)
+
+
+_counter: _CallCounter | None = None
+
+
+async def _batch(call: Call, n: int) -> dict[str, float]:
+    """n calls one after another: CPU per call (incl. background work they leave), wall p50."""
+    gc.collect()
+    await asyncio.sleep(0.05)
+    walls: list[float] = []
+    deltas = 0
+    if _counter is not None:
+        _counter.calls, _counter.on = 0, True
+    cpu0 = time.process_time()
+    for _ in range(n):
+        t0 = time.perf_counter()
+        deltas += await call()
+        walls.append(time.perf_counter() - t0)
+    await _settle()
+    cpu = time.process_time() - cpu0
+    result = {
+        "cpu_ms": 1e3 * cpu / n,
+        "wall_p50_ms": 1e3 * statistics.median(walls),
+        "deltas": deltas / n,
+    }
+    if _counter is not None:
+        _counter.on = False
+        result["py_calls"] = _counter.calls / n
+    return result
+
+
+_idle_tasks = 0
+"""Tasks a worker has while no call runs (LiteLLM's logging worker, ...)."""
+
+
+def _other_tasks() -> int:
+    me = asyncio.current_task()
+    return sum(1 for t in asyncio.all_tasks() if t is not me and not t.done())
+
+
+async def _settle() -> None:
+    """Let the background tasks the calls left (LiteLLM's success logging) finish."""
+    for _ in range(100):
+        if _other_tasks() <= _idle_tasks:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.02)
+
+
+async def _worker(
+    kind: str, port: int, warmup: int, llm_file: Path | None, deadline: float
+) -> None:
+    base = f"http://127.0.0.1:{port}/v1"
+    if kind == "raw":
+        unary, stream = _raw_calls(base)
+    elif kind == "acompletion":
+        unary, stream = _acompletion_calls(base)
+    else:
+        unary, stream = _gateway_calls(base, llm_file, deadline)
+    for _ in range(warmup):
+        await unary()
+        await stream()
+    await asyncio.sleep(0.3)
+    global _idle_tasks
+    _idle_tasks = _other_tasks()
+    print("READY", flush=True)
+    loop = asyncio.get_running_loop()
+    while line := (await loop.run_in_executor(None, sys.stdin.readline)).strip():
+        mode, n = line.split()
+        result = await _batch(unary if mode == "unary" else stream, int(n))
+        print(json.dumps(result), flush=True)
+
+
+# --- the orchestrator ----------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    kind: str
+    proc: subprocess.Popen[str]
+    log: IO[str]
+    results: dict[str, list[dict[str, float]]] = field(
+        default_factory=lambda: {"unary": [], "stream": []}
+    )
+
+    def ask(self, mode: str, n: int) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{mode} {n}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"worker {self.kind} died:\n{_tail(self.log)}")
+        self.results[mode].append(json.loads(line))
+
+
+def _tail(log: IO[str]) -> str:
+    log.flush()
+    return Path(log.name).read_text(encoding="utf-8", errors="replace")[-4000:]
+
+
+def _spawn(args: Sequence[str], log: IO[str]) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT,
+    )  # fmt: skip
+
+
+def _start_worker(
+    name: str, port: int, opts: argparse.Namespace, llm: Path | None, *, count: bool = False
+) -> Worker:
+    log = tempfile.NamedTemporaryFile("w+", prefix="llm_overhead_worker_", suffix=".log")
+    kind = name if llm is None else "baseline"
+    args = ["--worker", kind, "--port", str(port), "--warmup", str(opts.warmup)]
+    args += ["--deadline-s", str(opts.deadline_s)] + (["--count-calls"] if count else [])
+    if llm is not None:
+        args += ["--llm-file", str(llm)]
+    worker = Worker(name, _spawn(args, log), log)
+    assert worker.proc.stdout is not None
+    if worker.proc.stdout.readline().strip() != "READY":
+        raise SystemExit(f"worker {name} did not start:\n{_tail(log)}")
+    return worker
+
+
+def _median(rows: list[dict[str, float]], key: str) -> float:
+    return statistics.median(row[key] for row in rows)
+
+
+def _paired(a: list[dict[str, float]], b: list[dict[str, float]], key: str, per: float) -> float:
+    """Median over rounds of a - b: a round's workers ran back to back, so they shared its noise."""
+    return statistics.median((x[key] - y[key]) / per for x, y in zip(a, b, strict=True))
+
+
+def _summary(workers: Sequence[Worker]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    raw = next(w for w in workers if w.kind == "raw").results
+    bare = next(w for w in workers if w.kind == "acompletion").results
+    for w in workers:
+        unary, stream = w.results["unary"], w.results["stream"]
+        tokens = _median(stream, "deltas")
+        out[w.kind] = {
+            "unary_cpu_ms": _median(unary, "cpu_ms"),
+            "unary_wall_p50_ms": _median(unary, "wall_p50_ms"),
+            "stream_cpu_ms": _median(stream, "cpu_ms"),
+            "stream_wall_p50_ms": _median(stream, "wall_p50_ms"),
+            "tokens_per_stream": tokens,
+            "cpu_ms_per_token": _median(stream, "cpu_ms") / tokens,
+            "calls_per_cpu_second": 1e3 / _median(unary, "cpu_ms"),
+            "unary_cpu_over_raw_ms": _paired(unary, raw["unary"], "cpu_ms", 1),
+            "unary_wall_p50_over_raw_ms": _paired(unary, raw["unary"], "wall_p50_ms", 1),
+            "token_cpu_over_raw_ms": _paired(stream, raw["stream"], "cpu_ms", tokens),
+            "unary_cpu_over_acompletion_ms": _paired(unary, bare["unary"], "cpu_ms", 1),
+            "token_cpu_over_acompletion_ms": _paired(stream, bare["stream"], "cpu_ms", tokens),
+        }
+    return out
+
+
+def _print(summary: Mapping[str, Mapping[str, float]], opts: argparse.Namespace) -> None:
+    print(
+        f"\nmedian of {opts.rounds} rounds; {opts.calls} unary calls and {opts.streams} streams of "
+        f"~{summary['raw']['tokens_per_stream']:.0f} tokens per worker per round\n"
+    )
+    cols = (
+        ("unary CPU ms", "unary_cpu_ms", 13),
+        ("- raw", "unary_cpu_over_raw_ms", 8),
+        ("wall p50 ms", "unary_wall_p50_ms", 12),
+        ("- raw", "unary_wall_p50_over_raw_ms", 8),
+        ("calls/CPU-s", "calls_per_cpu_second", 12),
+        ("stream CPU ms", "stream_cpu_ms", 14),
+        ("ms/token", "cpu_ms_per_token", 9),
+        ("- raw", "token_cpu_over_raw_ms", 8),
+    )
+    print(f"{'worker':12s}" + "".join(f"{name:>{width}s}" for name, _, width in cols))
+    for kind, row in summary.items():
+        print(f"{kind:12s}" + "".join(f"{row[key]:>{width}.2f}" for _, key, width in cols))
+    print()
+    for name, row in summary.items():
+        if name not in ("raw", "acompletion"):
+            print(
+                f"{name} - bare litellm.acompletion: {row['unary_cpu_over_acompletion_ms']:+.2f} "
+                f"ms CPU per unary call, {row['token_cpu_over_acompletion_ms']:+.3f} per token"
+            )
+
+
+def _count_calls(
+    port: int, opts: argparse.Namespace, named: Mapping[str, Path | None]
+) -> dict[str, dict[str, float]]:
+    """Python calls per unary call and per streamed token, one counting worker at a time."""
+    counts: dict[str, dict[str, float]] = {}
+    for name, llm in named.items():
+        worker = _start_worker(name, port, opts, llm, count=True)
+        try:
+            worker.ask("unary", 20)
+            worker.ask("stream", 5)
+        finally:
+            worker.proc.kill()
+            worker.proc.wait()
+        stream = worker.results["stream"][0]
+        counts[name] = {
+            "per_unary_call": worker.results["unary"][0]["py_calls"],
+            "per_token": stream["py_calls"] / stream["deltas"],
+        }
+    raw = counts["raw"]
+    print(f"\nPython function calls (all threads){'per unary call':>20s}{'- raw':>9s}", end="")
+    print(f"{'per token':>12s}{'- raw':>9s}")
+    for name, row in counts.items():
+        unary, token = row["per_unary_call"], row["per_token"]
+        print(f"{name:35s}{unary:>20.0f}{unary - raw['per_unary_call']:>9.0f}", end="")
+        print(f"{token:>12.0f}{token - raw['per_token']:>9.0f}")
+    return counts
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--calls", type=int, default=100, help="unary calls per worker per round")
+    parser.add_argument("--streams", type=int, default=20, help="streams per worker per round")
+    parser.add_argument("--warmup", type=int, default=20, help="calls of each kind first")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens per fake completion")
+    parser.add_argument("--deadline-s", type=float, default=10.0, help="the simulated deadline")
+    parser.add_argument(
+        "--baseline-llm", type=Path, action="append", default=[],
+        help="another llm.py to measure as well (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--count-calls", action="store_true",
+        help="also count Python calls per call (noise-free; extra workers after the rounds)",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, help="write the summary and every round here")
+    # Internal: the processes this script starts.
+    parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--llm-file", type=Path, help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+
+    if opts.serve_upstream:
+        asyncio.run(_serve_upstream(opts.tokens))
+        return
+    if opts.worker:
+        if opts.count_calls:
+            global _counter
+            _counter = _CallCounter()
+            _counter.install()
+        asyncio.run(_worker(opts.worker, opts.port, opts.warmup, opts.llm_file, opts.deadline_s))
+        return
+
+    up_log = tempfile.NamedTemporaryFile("w+", prefix="llm_overhead_upstream_", suffix=".log")
+    upstream = _spawn(["--serve-upstream", "--tokens", str(opts.tokens)], up_log)
+    workers: list[Worker] = []
+    try:
+        assert upstream.stdout is not None
+        port = int(upstream.stdout.readline())
+        named: dict[str, Path | None] = {"raw": None, "acompletion": None, "gateway": None}
+        named.update({path.stem: path for path in opts.baseline_llm})
+        if len(named) != 3 + len(opts.baseline_llm):
+            raise SystemExit("--baseline-llm files need distinct names, other than raw/gateway")
+        print(f"fake upstream on 127.0.0.1:{port}; starting workers: {', '.join(named)}")
+        workers = [_start_worker(name, port, opts, llm) for name, llm in named.items()]
+        for r in range(opts.rounds):
+            order = workers[r % len(workers) :] + workers[: r % len(workers)]
+            for w in order:
+                w.ask("unary", opts.calls)
+                w.ask("stream", opts.streams)
+            done = ", ".join(f"{w.kind} {w.results['unary'][-1]['cpu_ms']:.2f}" for w in workers)
+            print(f"round {r + 1}/{opts.rounds}: unary CPU ms/call {done}", flush=True)
+        summary = _summary(workers)
+        _print(summary, opts)
+        counts = _count_calls(port, opts, named) if opts.count_calls else {}
+        if opts.json:
+            rounds = {w.kind: w.results for w in workers}
+            report = {"summary": summary, "rounds": rounds, "python_calls": counts}
+            opts.json.write_text(json.dumps(report, indent=2))
+    finally:
+        for w in workers:
+            w.proc.kill()
+            w.proc.wait()
+        upstream.kill()
+        upstream.wait()
+
+
+if __name__ == "__main__":
+    main()
