@@ -14,7 +14,7 @@ from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from tests.conftest import StartServer, write_llm_config
 from tests.fake_openai import FakeOpenAI
 from tests.requests import generate_request, generate_stream_request, score_request
-from tests.test_shutdown import free_port
+from tests.server_process import free_port
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

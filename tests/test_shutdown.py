@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,65 +16,33 @@ from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from tests.conftest import health_stub, write_llm_config
 from tests.fake_openai import FakeOpenAI
 from tests.requests import generate_request, score_request
+from tests.server_process import ServerProcess
 
 SERVICE = "mlserving.v1.InferenceService"
 GRACE_S = 6.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
-async def process(
-    upstream: FakeOpenAI, tmp_path: Path
-) -> AsyncIterator[tuple[subprocess.Popen[bytes], int]]:
-    port = free_port()
+async def process(upstream: FakeOpenAI, tmp_path: Path) -> AsyncIterator[ServerProcess]:
     config = write_llm_config(tmp_path / "llm.yaml", upstream, ["slow"])
-    env = {
-        **os.environ,
-        "ML_SERVING_HOST": "127.0.0.1",
-        "ML_SERVING_PORT": str(port),
-        "ML_SERVING_METRICS_PORT": "0",
-        "ML_SERVING_SHUTDOWN_GRACE_S": str(GRACE_S),
-        "ML_SERVING_LLM_CONFIG": str(config),
-        "ML_SERVING_LLM_FALLBACK": "false",
-    }
-    log_path = tmp_path / "server.log"
-    log = log_path.open("wb")
-    # Logs go to a file: a pipe nobody reads would fill up and block the server.
-    proc = subprocess.Popen([sys.executable, "-m", "ml_serving"], env=env, stderr=log)
+    server = ServerProcess(
+        ML_SERVING_SHUTDOWN_GRACE_S=str(GRACE_S),
+        ML_SERVING_LLM_CONFIG=str(config),
+        ML_SERVING_LLM_FALLBACK="false",
+        ML_SERVING_LOG_LEVEL="INFO",
+    )
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as chan:
-            health = health_stub(chan)
-            deadline = time.monotonic() + 60
-            while True:
-                assert proc.poll() is None, log_path.read_text()
-                try:
-                    reply = await health.Check(
-                        health_pb2.HealthCheckRequest(service=SERVICE), timeout=1
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.aio.AioRpcError:
-                    pass
-                assert time.monotonic() < deadline, "server never became ready"
-                await asyncio.sleep(0.2)
-        yield proc, port
+        await asyncio.to_thread(server.wait_ready, 60.0)
+        yield server
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        log.close()
+        server.stop(timeout_s=5)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_drain_on_signal(
-    process: tuple[subprocess.Popen[bytes], int], upstream: FakeOpenAI, signum: signal.Signals
+    process: ServerProcess, upstream: FakeOpenAI, signum: signal.Signals
 ) -> None:
-    proc, port = process
+    proc, port = process.popen, process.port
     upstream.delay_s = 1.5
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as chan:
         stub = pb_grpc.InferenceServiceStub(chan)
