@@ -65,25 +65,24 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.ScoreResponse:
         model = self._models.current  # one version for the whole request, even mid-promotion
         candidates = request.candidates
-        with tracing.child_span("score.model", candidates=len(candidates)):
+        ids = [c.id for c in candidates]
+        with tracing.child_span("score.model", candidates=len(ids)):
             result = score(
                 model,
                 context_feature_names=request.context_feature_names,
                 context_values=request.context_values,
                 candidate_feature_names=request.candidate_feature_names,
-                candidate_ids=[c.id for c in candidates],
+                candidate_ids=ids,
                 candidate_values=[c.values for c in candidates],
                 max_candidates=self._settings.max_candidates,
             )
-        rpc.annotate(
-            model=f"{result.model_name}:{result.model_version}", candidates=len(candidates)
-        )
+        rpc.annotate(model=f"{result.model_name}:{result.model_version}", candidates=len(ids))
         response = pb.ScoreResponse(
             model_name=result.model_name, model_version=result.model_version
         )
         add = response.scores.add  # 3x faster than building CandidateScore messages in a list
-        for candidate, value in zip(candidates, result.scores.tolist(), strict=True):
-            add(id=candidate.id, score=value)
+        for candidate_id, value in zip(ids, result.scores.tolist(), strict=True):
+            add(id=candidate_id, score=value)
         return response
 
     @rpc.unary("Generate")
