@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
@@ -82,8 +82,8 @@ class Gate:
         self.in_flight += 1
 
 
-def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    for key, value in context.invocation_metadata() or ():
+def _request_id(metadata: Sequence[tuple[str, Any]]) -> str:
+    for key, value in metadata:
         if key == REQUEST_ID_KEY and isinstance(value, str) and value:
             # Caller-chosen ids end up in logs: keep them short and printable.
             clean = "".join(ch for ch in value[:_MAX_REQUEST_ID_LEN] if ch.isprintable())
@@ -157,19 +157,21 @@ class _Call:
         self.gate = gate
         self.method = method
         self.context = context
-        self.request_id = _request_id(context)
+        # Read once: request id, tracing and the bearer check all look at it.
+        self.metadata: Sequence[tuple[str, Any]] = tuple(context.invocation_metadata() or ())
+        self.request_id = _request_id(self.metadata)
         self.notes: dict[str, Any] = {}
         self.admitted = False
         self.started = time.perf_counter()
         self._tokens = (request_id_var.set(self.request_id), _annotations.set(self.notes))
-        self._span = tracing.rpc_span(f"/{SERVICE}/{method}", context.invocation_metadata() or ())
+        self._span = tracing.rpc_span(f"/{SERVICE}/{method}", self.metadata)
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
         for observer in gate.observers:
             observer.rpc_started(method)
 
     def admit(self, request: object) -> None:
         # Credentials first: an unauthenticated caller never takes (or is counted against) a slot.
-        security.check_bearer(self.context.invocation_metadata(), self.gate.auth_token)
+        security.check_bearer(self.metadata, self.gate.auth_token)
         self.gate.admit()
         self.admitted = True
         if isinstance(request, MalformedRequest):

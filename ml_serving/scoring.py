@@ -93,10 +93,7 @@ class Model:
             raise ValueError(
                 f"context: expected shape ({features.N_CONTEXT},), got {context.shape}"
             )
-        if candidates.ndim != 2 or candidates.shape[1] != features.N_CANDIDATE:
-            raise ValueError(
-                f"candidates: expected shape (n, {features.N_CANDIDATE}), got {candidates.shape}"
-            )
+        _check_candidates(candidates)
         # One user: fold the context into the weights instead of building the design matrix.
         norm = self.weights.normalization
         weights, bias = features.collapse_context(
@@ -113,10 +110,7 @@ class Model:
         This is the path of offline evaluation and of micro-batching (stack several requests'
         aligned rows, repeating each context per candidate, and score them in one product).
         """
-        if candidates.ndim != 2 or candidates.shape[1] != features.N_CANDIDATE:
-            raise ValueError(
-                f"candidates: expected shape (n, {features.N_CANDIDATE}), got {candidates.shape}"
-            )
+        _check_candidates(candidates)
         if contexts.shape not in ((features.N_CONTEXT,), (len(candidates), features.N_CONTEXT)):
             raise ValueError(f"contexts: shape {contexts.shape} does not fit {candidates.shape}")
         norm = self.weights.normalization
@@ -124,6 +118,13 @@ class Model:
             norm.normalize_context(contexts), norm.normalize_candidates(candidates)
         )
         return sigmoid(x @ self.weights.coef + self.weights.intercept)
+
+
+def _check_candidates(candidates: npt.NDArray[Any]) -> None:
+    if candidates.ndim != 2 or candidates.shape[1] != features.N_CANDIDATE:
+        raise ValueError(
+            f"candidates: expected shape (n, {features.N_CANDIDATE}), got {candidates.shape}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
