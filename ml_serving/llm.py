@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -393,6 +393,7 @@ class LLMGateway:
                 _deployment(entry, self._plan.timeout_s)
             )
         self._groups = {name: tuple(deployments) for name, deployments in groups.items()}
+        _register_unpriced_models(d.model for ds in self._groups.values() for d in ds)
         self._models = {name: deployments[0].model for name, deployments in groups.items()}
 
     @property
@@ -559,6 +560,32 @@ class LLMGateway:
         if temperature is not None:
             args["temperature"] = temperature
         return args
+
+
+def _register_unpriced_models(models: Iterable[str]) -> None:
+    """Give LiteLLM a zero price for route models missing from its price map (a self-hosted
+    model, or a name newer than the map): it prices every response, and for an unknown model
+    each call pays ~600 Python calls of failed lookups to end with no cost. We never read
+    LiteLLM's cost, so a zero price changes nothing we report."""
+    for model in set(models):
+        provider, _, name = model.partition("/")
+        if not name or provider == OFFLINE_PROVIDER:
+            continue
+        try:
+            litellm.get_model_info(model)
+        except Exception:
+            litellm.register_model(
+                {
+                    model: {
+                        "litellm_provider": provider,
+                        "mode": "chat",
+                        "input_cost_per_token": 0.0,
+                        "output_cost_per_token": 0.0,
+                        "cache_creation_input_token_cost": 0.0,
+                        "cache_read_input_token_cost": 0.0,
+                    }
+                }
+            )
 
 
 async def _first_chunk(stream: Any) -> Any:

@@ -7,8 +7,9 @@ runs in another process, so its CPU is never counted. Workers:
 
     raw          httpx.AsyncClient: one POST, the JSON parsed (streams: every SSE line parsed)
     acompletion  bare litellm.acompletion with the same global LiteLLM settings as the gateway
-    gateway      ml_serving.llm.LLMGateway (its Router, default router_settings), called with a
-                 deadline-derived timeout_s as Generate passes it (a new value on every call)
+    gateway      ml_serving.llm.LLMGateway (litellm.acompletion inside its own retry/fallback
+                 loop, default router_settings), called with a deadline-derived timeout_s as
+                 Generate passes it (a new value on every call)
     <name>       one per --baseline-llm FILE (named after the file): the same gateway worker
                  from another copy of llm.py, for before/after, e.g. the committed one:
                  `git show HEAD:ml_serving/llm.py > /tmp/llm_head.py`
@@ -23,6 +24,8 @@ interleaved rounds, paired differences and medians, because shared machines are 
     .venv/bin/python -m scripts.llm_overhead                  # 9 rounds x (100 unary + 20 streams)
     .venv/bin/python -m scripts.llm_overhead --rounds 7 --json overhead.json
     .venv/bin/python -m scripts.llm_overhead --baseline-llm /tmp/llm_head.py --count-calls
+    .venv/bin/python -m scripts.llm_overhead --model openai/my-vllm-model   # a model LiteLLM
+                                                              # has no price for
 
 --count-calls adds a noise-free complement: Python function calls (all threads) per unary
 call and per streamed token, counted by extra workers after the timed rounds.
@@ -50,7 +53,8 @@ from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "openai/gpt-4o-mini"
-"""A model LiteLLM knows (as production routes name them); the fake upstream answers any name."""
+"""A model LiteLLM knows (as production routes name them); the fake upstream answers any name.
+--model picks another (every LiteLLM worker uses it)."""
 API_KEY = "sk-llm-overhead-not-a-real-key"
 MESSAGES = (
     {"role": "system", "content": "You are a concise sleep coach. " * 30},
@@ -122,13 +126,13 @@ def _raw_calls(base: str) -> tuple[Call, Call]:
     return unary, stream
 
 
-def _acompletion_calls(base: str) -> tuple[Call, Call]:
+def _acompletion_calls(base: str, model: str) -> tuple[Call, Call]:
     llm = _load_llm(None)
     llm._quiet_litellm()  # the same global LiteLLM settings the gateway runs with
     import litellm
 
     common: dict[str, Any] = {
-        "model": MODEL,
+        "model": model,
         "api_base": base,
         "api_key": API_KEY,
         "max_tokens": MAX_TOKENS,
@@ -156,9 +160,11 @@ def _acompletion_calls(base: str) -> tuple[Call, Call]:
     return unary, stream
 
 
-def _gateway_calls(base: str, llm_file: Path | None, deadline_s: float) -> tuple[Call, Call]:
+def _gateway_calls(
+    base: str, llm_file: Path | None, deadline_s: float, model: str
+) -> tuple[Call, Call]:
     llm = _load_llm(llm_file)
-    route = {"model": MODEL, "api_base": base, "api_key": API_KEY, "timeout": 20}
+    route = {"model": model, "api_base": base, "api_key": API_KEY, "timeout": 20}
     routes = llm.RouteConfig(
         model_list=({"model_name": "bench", "litellm_params": route},), router_settings={}
     )
@@ -259,15 +265,15 @@ async def _settle() -> None:
 
 
 async def _worker(
-    kind: str, port: int, warmup: int, llm_file: Path | None, deadline: float
+    kind: str, port: int, warmup: int, llm_file: Path | None, deadline: float, model: str
 ) -> None:
     base = f"http://127.0.0.1:{port}/v1"
     if kind == "raw":
         unary, stream = _raw_calls(base)
     elif kind == "acompletion":
-        unary, stream = _acompletion_calls(base)
+        unary, stream = _acompletion_calls(base, model)
     else:
-        unary, stream = _gateway_calls(base, llm_file, deadline)
+        unary, stream = _gateway_calls(base, llm_file, deadline, model)
     for _ in range(warmup):
         await unary()
         await stream()
@@ -326,7 +332,8 @@ def _start_worker(
     log = tempfile.NamedTemporaryFile("w+", prefix="llm_overhead_worker_", suffix=".log")
     kind = name if llm is None else "baseline"
     args = ["--worker", kind, "--port", str(port), "--warmup", str(opts.warmup)]
-    args += ["--deadline-s", str(opts.deadline_s)] + (["--count-calls"] if count else [])
+    args += ["--deadline-s", str(opts.deadline_s), "--model", opts.model]
+    args += ["--count-calls"] if count else []
     if llm is not None:
         args += ["--llm-file", str(llm)]
     worker = Worker(name, _spawn(args, log), log)
@@ -432,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=20, help="calls of each kind first")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per fake completion")
     parser.add_argument("--deadline-s", type=float, default=10.0, help="the simulated deadline")
+    parser.add_argument("--model", default=MODEL, help="the route's model string")
     parser.add_argument(
         "--baseline-llm", type=Path, action="append", default=[],
         help="another llm.py to measure as well (repeatable)",
@@ -456,7 +464,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             global _counter
             _counter = _CallCounter()
             _counter.install()
-        asyncio.run(_worker(opts.worker, opts.port, opts.warmup, opts.llm_file, opts.deadline_s))
+        asyncio.run(
+            _worker(opts.worker, opts.port, opts.warmup, opts.llm_file, opts.deadline_s, opts.model)
+        )
         return
 
     up_log = tempfile.NamedTemporaryFile("w+", prefix="llm_overhead_upstream_", suffix=".log")
