@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -102,6 +103,18 @@ def run_main(argv: list[str]) -> int:
         type=float,
         help="fake upstream delay between tokens, seconds (0.01; smoke 0.002)",
     )
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="ML_SERVING_WORKERS for every scenario (the echo ceiling runs as many processes)",
+    )
+    parser.add_argument(
+        "--scaling",
+        type=_ints,
+        help="worker counts for the scaling sweep, e.g. 1,2,4,8 (default: 1 up to the cores "
+        "here, at most 2, in a full run; none otherwise)",
+    )
     parser.add_argument("--server-env", action="append", default=[], type=_env, metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, help="where results go (default: bench/)")
     args = parser.parse_args(argv)
@@ -132,6 +145,10 @@ def run_main(argv: list[str]) -> int:
         server_env=dict(args.server_env),
         mode=mode,
         log=lambda line: print(line, flush=True),
+        workers=args.workers,
+        scaling=args.scaling
+        if args.scaling is not None
+        else (tuple(range(1, min(2, os.cpu_count() or 1) + 1)) if mode == "full" else ()),
     )
     results = runner.run(options)
     verdicts = report.write_all(results, out, check.THRESHOLDS if mode == "full" else None)

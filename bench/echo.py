@@ -1,7 +1,8 @@
 """The gRPC ceiling: a bare grpc.aio server of the same flavour as ours (same options, same event
 loop) whose generic handler returns every request's bytes unchanged.
 
-`python -m bench.echo [--port 0] [--no-uvloop]` prints "PORT <n>" once listening.
+`python -m bench.echo [--port 0] [--no-uvloop] [--workers N]` prints "PORT <n>" once listening.
+With --workers N it runs N such servers on one port (SO_REUSEPORT), like ML_SERVING_WORKERS.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
+import subprocess
 import sys
 from typing import Any
 
@@ -41,9 +44,11 @@ def server_uvloop_default() -> bool:
     return bool(Settings.model_fields["uvloop"].default)
 
 
-async def start_echo(host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
+async def start_echo(
+    host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False
+) -> tuple[grpc.aio.Server, int]:
     """Start the echo server with our server's channel options; return it and its port."""
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, reuse_port=reuse_port)  # type: ignore[call-arg]
     server = grpc.aio.server(options=grpc_options(settings))
     server.add_generic_rpc_handlers((EchoHandler(),))
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -51,8 +56,8 @@ async def start_echo(host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.S
     return server, bound
 
 
-async def _serve(port: int) -> None:
-    server, bound = await start_echo(port=port)
+async def _serve(port: int, reuse_port: bool) -> None:
+    server, bound = await start_echo(port=port, reuse_port=reuse_port)
     print(f"PORT {bound}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -68,13 +73,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--uvloop", action=argparse.BooleanOptionalAction, default=server_uvloop_default()
     )
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.workers > 1:
+        return _supervise(args.workers, args.port, args.uvloop)
     if args.uvloop:
         import uvloop
 
-        uvloop.run(_serve(args.port))
+        uvloop.run(_serve(args.port, args.reuse_port))
     else:
-        asyncio.run(_serve(args.port))
+        asyncio.run(_serve(args.port, args.reuse_port))
+    return 0
+
+
+def _supervise(workers: int, port: int, use_uvloop: bool) -> int:
+    """Run `workers` echo servers on one port; stop them all on SIGTERM/SIGINT."""
+    if port == 0:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.echo",
+        f"--port={port}",
+        "--reuse-port",
+        "--uvloop" if use_uvloop else "--no-uvloop",
+    ]
+    children = [subprocess.Popen(argv, stdout=subprocess.PIPE) for _ in range(workers)]
+    for child in children:
+        assert child.stdout is not None
+        if not child.stdout.readline().startswith(b"PORT "):
+            raise SystemExit("an echo worker did not start")
+    print(f"PORT {port}", flush=True)
+
+    def stop(signum: int, frame: object) -> None:
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    for child in children:
+        child.wait()
     return 0
 
 

@@ -43,6 +43,9 @@ class GrpcJob:
     seed: int = 0
     request_offset: int = 0
     """First {{.RequestNumber}} of this process (numbers stay unique across processes)."""
+    connections: int = 1
+    """Connections per client process (ghz's --connections); calls go round-robin over them.
+    A server with worker processes needs several: the kernel balances connections, not calls."""
 
 
 @dataclass(frozen=True)
@@ -357,9 +360,10 @@ class Load:
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self._channel: grpc.aio.Channel | None = None
+        self._channels: list[grpc.aio.Channel] = []
         self._session: Any = None
         self._callers: list[_GrpcCaller] | list[_HttpCaller] = []
+        self._connections = 1
         self._cumulative: list[float] = []
         self.unreachable = False
         """No connection within 15 s of setting up (the target was wedged or gone)."""
@@ -367,14 +371,19 @@ class Load:
     async def setup(self) -> None:
         job = self.job
         if isinstance(job, GrpcJob):
-            self._channel = grpc.aio.insecure_channel(job.target)
-            try:
-                await asyncio.wait_for(self._channel.channel_ready(), 15)
-            except TimeoutError:
-                # Go on: the calls then fail (UNAVAILABLE, DEADLINE_EXCEEDED) and are counted
-                # as the errors they are, rather than the whole bench stopping here.
-                self.unreachable = True
-            self._callers = [_GrpcCaller(self._channel, spec) for spec in job.specs]
+            # A local subchannel pool per channel: otherwise channels to one target share a
+            # single connection.
+            options = [("grpc.use_local_subchannel_pool", 1)] if job.connections > 1 else []
+            self._connections = max(1, job.connections)
+            self._channels = [
+                grpc.aio.insecure_channel(job.target, options=options)
+                for _ in range(self._connections)
+            ]
+            await self._wait_ready(15)
+            # Callers laid out channel-major: the callers of channel i are a block of len(specs).
+            self._callers = [
+                _GrpcCaller(channel, spec) for channel in self._channels for spec in job.specs
+            ]
             weights = job.weights or (1.0,) * len(job.specs)
         else:
             import aiohttp
@@ -389,15 +398,31 @@ class Load:
         if warm:
 
             async def warm_one(n: int) -> None:
-                await self._pick(rng).call(n, record=False)
+                await self._pick(rng, n).call(n, record=False)
 
+            # Every connection gets warmed (at least one call each).
+            warm = max(warm, self._connections)
             await _drive(min(8, job.concurrency), warm, 30.0, warm_one, first_number=-warm)
 
-    def _pick(self, rng: random.Random) -> _GrpcCaller | _HttpCaller:
-        if len(self._callers) == 1:
-            return self._callers[0]
+    async def _wait_ready(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(channel.channel_ready() for channel in self._channels)),
+                timeout_s,
+            )
+            self.unreachable = False
+        except TimeoutError:
+            # Go on: the calls then fail (UNAVAILABLE, DEADLINE_EXCEEDED) and are counted as
+            # the errors they are, rather than the whole bench stopping here.
+            self.unreachable = True
+
+    def _pick(self, rng: random.Random, number: int) -> _GrpcCaller | _HttpCaller:
+        per_channel = len(self._cumulative)
+        base = (number % self._connections) * per_channel
+        if per_channel == 1:
+            return self._callers[base]
         x = rng.random() * self._cumulative[-1]
-        return self._callers[bisect.bisect_right(self._cumulative, x)]
+        return self._callers[base + bisect.bisect_right(self._cumulative, x)]
 
     async def run(self, start_at: float | None = None) -> JobResult:
         job = self.job
@@ -410,15 +435,11 @@ class Load:
         rng = random.Random(job.seed + 1)
 
         async def one(n: int) -> None:
-            await self._pick(rng).call(n)
+            await self._pick(rng, n).call(n)
 
-        if self.unreachable and self._channel is not None:
+        if self.unreachable and self._channels:
             # One more chance: the server may have come back while the others warmed up.
-            try:
-                await asyncio.wait_for(self._channel.channel_ready(), 5)
-                self.unreachable = False
-            except TimeoutError:
-                pass
+            await self._wait_ready(5)
         cpu0 = time.process_time()
         started, finished = await _drive(
             job.concurrency, job.total, job.duration_s, one, job.request_offset
@@ -438,8 +459,8 @@ class Load:
         )
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
         if self._session is not None:
             await self._session.close()
 

@@ -228,6 +228,52 @@ def verdict_lines(verdicts: list[Verdict]) -> list[str]:
     return [f"- {'PASS' if v.ok else 'FAIL'}: {v.describe()}" for v in verdicts]
 
 
+def scaling_table(results: dict[str, Any]) -> list[str]:
+    body = []
+    for row in rows_of(results, "scaling", "server"):
+        workers = row.get("workers", 1)
+        echo = next(
+            (r for r in rows_of(results, "scaling", "echo") if r.get("workers", 1) == workers),
+            None,
+        )
+        v = row.get("vs_baseline") or {}
+        body.append(
+            [
+                str(workers),
+                str(row["concurrency"]),
+                _f(row["qps"], 0),
+                _lat(row, "latency_ms", "p99", 2),
+                _f(echo["qps"], 0) if echo else "–",
+                _lat(echo, "latency_ms", "p99", 2),
+                _f(v.get("qps_ratio"), 2),
+                _f(v.get("p99_ratio"), 2),
+                _errors(row),
+                _f(row.get("server_cores_used"), 2)
+                + " / "
+                + _f((echo or {}).get("server_cores_used"), 2),
+                _f(_cores(row, "client"), 2),
+                _f(row.get("machine_cores_busy"), 2),
+            ]
+        )
+    return _table(
+        [
+            "worker processes",
+            "concurrency",
+            "QPS",
+            "p99 ms",
+            "echo QPS",
+            "echo p99 ms",
+            "QPS ÷ echo",
+            "p99 ÷ echo",
+            "errors",
+            "cores used, ours / echo",
+            "client cores",
+            "machine busy",
+        ],
+        body,
+    )
+
+
 def _cores(row: Row, key: str) -> float | None:
     if key == "client":
         return round(row["client_cpu_s"] / row["wall_s"], 2) if row["wall_s"] else None
@@ -243,9 +289,11 @@ def cpu_table(results: dict[str, Any]) -> list[str]:
         parts = [_cores(row, k) for k in ("server", "client", "upstream")]
         ours = sum(p for p in parts if p is not None)
         busy = row.get("machine_cores_busy")
+        workers = row.get("workers", 1)
         body.append(
             [
-                f"{row['scenario']} c={row['concurrency']}",
+                f"{row['scenario']} c={row['concurrency']}"
+                + (f" ×{workers} workers" if workers > 1 else ""),
                 *(_f(p, 2) for p in parts),
                 _f(ours, 2),
                 _f(busy, 2),
@@ -278,17 +326,20 @@ def _scaling_text(results: dict[str, Any]) -> list[str]:
         for r in ours
         if (r.get("machine_cores_busy") or 0) >= 0.85 * cores
     ]
+    workers = results["setup"].get("workers", 1)
     lines = [
-        "- **One server process, measured alone.** Every number here is one "
-        "`python -m ml_serving` process: one asyncio event loop, so its Python work runs on "
-        "one core at a time (the GIL), plus gRPC's C-core threads. ml_serving has no "
-        "worker-process mode to measure yet, so the bench has no `--workers` option; add one "
-        "when the server has it.",
+        f"- **{workers} server process{'es' if workers > 1 else ''} in the scenarios above.** "
+        "One `python -m ml_serving` process is one asyncio event loop: its Python work runs on "
+        "one core at a time (the GIL), plus gRPC's C-core threads. `ML_SERVING_WORKERS=N` runs "
+        "N processes on one port (SO_REUSEPORT; the kernel balances connections, so the "
+        "client opens several); the sweep below measures it from 1 worker up, against an "
+        "echo ceiling with as many processes (`python -m bench --scaling 1,2,4,8` on a bigger "
+        "machine).",
         f"- **{cores} cores for everything.** Load generator, server, echo ceiling and fake "
         "upstream share them, so every core the client or the upstream uses is a core the "
-        "server cannot have. On this machine a second server process would compete with the "
-        "client for the one core the first leaves over: its gain cannot be measured "
-        "here, only on a machine with more cores (or with the client elsewhere).",
+        "server cannot have: past the first worker, more workers compete with the client "
+        "processes for the same cores, so QPS here cannot grow the way it would with the "
+        "client on another machine.",
     ]
     if loop_bound:
         lines.append(
@@ -454,6 +505,17 @@ def render_markdown(results: dict[str, Any], verdicts: list[Verdict] | None) -> 
         ]
     if verdicts is not None:
         lines += ["## Thresholds (`bench/thresholds.json`)", "", *verdict_lines(verdicts), ""]
+    if rows_of(results, "scaling", "server"):
+        lines += [
+            "## Worker processes (scaling)",
+            "",
+            "Score at the highest Score concurrency, ours with `ML_SERVING_WORKERS=N` against the "
+            "echo ceiling run as N processes on one port; each client process opens 4 "
+            "connections per worker so that every worker gets some.",
+            "",
+            *scaling_table(results),
+            "",
+        ]
     lines += ["## What limits scaling here", "", *_scaling_text(results), ""]
     return "\n".join(lines)
 

@@ -53,6 +53,11 @@ class Options:
     """Score runs alternate echo and ours this many times (duration and total shared out)."""
     mode: str = "full"
     log: Callable[[str], None] = print
+    workers: int = 1
+    """ML_SERVING_WORKERS for the plan's runs; the echo ceiling runs as many processes."""
+    scaling: tuple[int, ...] = ()
+    """Worker counts for the scaling sweep (Score at its highest concurrency, vs echo with the
+    same number of processes), run after the plan; () skips it."""
 
 
 def _version(name: str) -> str:
@@ -220,6 +225,7 @@ class Bench:
         self.upstream_port = 0
         self.pool: ClientPool | None = None
         self.clients = options.clients or 1
+        self.workers = options.workers
         self._current_pace = (options.ttft_s, options.token_delay_s)
         self._run_pace = self._current_pace
         self._upstream_cores: float | None = None
@@ -238,8 +244,13 @@ class Bench:
             stem for stem, c in self.configs.items() if c.method.name in LLM_SCENARIO_METHODS
         )
 
-    def start(self) -> None:
+    def connections(self) -> int:
+        """Client connections per process: the kernel balances worker processes by connection."""
+        return 1 if self.workers == 1 else 4 * self.workers
+
+    def start(self, workers: int | None = None) -> None:
         o = self.o
+        self.workers = o.workers if workers is None else workers
         for s in o.plan:
             for stem, _ in s.sources:
                 if stem not in self.configs:
@@ -259,17 +270,21 @@ class Bench:
             }
         server_env.update(o.server_env)
         self.server, self.server_port = procs.start_server(
-            server_env, o.work_dir / "server.log", o.work_dir
+            server_env, o.work_dir / "server.log", o.work_dir, self.workers
         )
-        ready_s = procs.wait_ready(self.server, self.server_port)
+        ready_s = procs.wait_ready(self.server, self.server_port, workers=self.workers)
         self.notes["server"] = {
             "command": "python -m ml_serving",
+            "workers": self.workers,
             "env": {k: v for k, v in server_env.items() if k != "BENCH_UPSTREAM_KEY"},
             "ready_s": round(ready_s, 2),
             "idle_rss_kb": self.server.status_kb().get("VmRSS"),
             "log": str(o.work_dir / "server.log"),
         }
-        o.log(f"server pid {self.server.pid} on :{self.server_port}, ready in {ready_s:.1f}s")
+        o.log(
+            f"server pid {self.server.pid} on :{self.server_port} ({self.workers} worker(s)), "
+            f"ready in {ready_s:.1f}s"
+        )
         uvloop = server_env.get("ML_SERVING_UVLOOP", str(server_uvloop_default())).lower() in (
             "1",
             "true",
@@ -278,10 +293,17 @@ class Bench:
         )
         if any(s.baseline == "echo" for s in o.plan):
             self.echo, self.echo_port = procs.start_echo(
-                uvloop, o.work_dir / "echo.log", o.work_dir
+                uvloop, o.work_dir / "echo.log", o.work_dir, self.workers
             )
-            o.log(f"echo server pid {self.echo.pid} on :{self.echo_port} (uvloop={uvloop})")
-        self.notes["echo"] = {"uvloop": uvloop, "options": "ml_serving.server.grpc_options"}
+            o.log(
+                f"echo server pid {self.echo.pid} on :{self.echo_port} (uvloop={uvloop}, "
+                f"{self.workers} process(es))"
+            )
+        self.notes["echo"] = {
+            "uvloop": uvloop,
+            "options": "ml_serving.server.grpc_options",
+            "processes": self.workers,
+        }
         if self.upstream is not None:
             self.notes["upstream"] = {
                 "ttft_s": o.ttft_s,
@@ -290,14 +312,33 @@ class Bench:
                 "unary_delay": "ttft + token_delay x (tokens - 1)",
             }
         max_c = max(c for s in o.plan for c in s.concurrencies)
-        self.pool = ClientPool((o.clients or 2) if max_c > 1 else 1)
+        if self.pool is None:
+            self.pool = ClientPool((o.clients or 2) if max_c > 1 else 1)
 
-    def stop(self) -> None:
-        if self.pool is not None:
+    def stop(self, keep_pool: bool = False) -> None:
+        if self.pool is not None and not keep_pool:
             self.pool.close()
         for proc in (self.server, self.echo, self.upstream):
             if proc is not None:
                 proc.stop()
+        self.server = self.echo = self.upstream = None
+
+    def run_scaling(self) -> None:
+        """Score at its highest concurrency against ours and the echo ceiling, each with 1, 2,
+        ... processes (Options.scaling): how QPS grows with worker processes on this machine."""
+        score = next((s for s in self.o.plan if s.name == "score"), None)
+        if score is None or not self.o.scaling:
+            return
+        concurrency = max(score.concurrencies)
+        sweep = replace(score, name="scaling", concurrencies=(concurrency,))
+        for workers in self.o.scaling:
+            self.stop(keep_pool=True)
+            self.start(workers)
+            total = sweep.total_for(concurrency, self.configs)
+            base_row, row = self._run_against_echo(sweep, concurrency, total)
+            row["vs_baseline"] = compare(row, base_row)
+            self._add(base_row)
+            self._add(row)
 
     # --- runs ----------------------------------------------------------------------------------
 
@@ -318,6 +359,7 @@ class Bench:
             concurrency=concurrency,
             total=scenario.total_for(concurrency, self.configs),
             duration_s=scenario.duration_s,
+            connections=self.connections(),
         )
 
     def _run(
@@ -565,6 +607,8 @@ class Bench:
         return row
 
     def _add(self, row: dict[str, Any]) -> None:
+        if row["target"] in ("server", "echo"):
+            row["workers"] = self.workers
         self.rows.append(row)
         lat = row["latency_ms"] or {}
         extra = ""
@@ -594,6 +638,7 @@ def run(options: Options) -> dict[str, Any]:
         bench.probe_clients()
         for scenario in options.plan:
             bench.run_scenario(scenario)
+        bench.run_scaling()
     finally:
         bench.stop()
     return {
@@ -605,6 +650,8 @@ def run(options: Options) -> dict[str, Any]:
         "setup": {
             **bench.notes,
             "score_rounds": options.rounds,
+            "workers": options.workers,
+            "scaling_workers": list(options.scaling),
             "plan": [
                 {
                     "scenario": s.name,

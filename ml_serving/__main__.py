@@ -9,7 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
-from ml_serving import logs, security, server, tracing
+from ml_serving import logs, security, server, tracing, workers
 from ml_serving.config import Settings
 from ml_serving.errors import ServingError
 
@@ -42,13 +42,15 @@ def main() -> int:
         print("ml-serving: refusing to start in this environment:", file=sys.stderr)
         for problem in problems:
             print(f"  - {problem}", file=sys.stderr)
-        return 2
+        return workers.CONFIG_ERROR_EXIT
     try:
         settings = Settings()
     except ValidationError as exc:
         print(f"ml-serving: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
+        return workers.CONFIG_ERROR_EXIT
     logs.configure(settings.log_level, settings.log_json)
+    if settings.workers > 1:
+        return workers.Supervisor(settings).run()
     tracing.configure(
         settings.otel_traces_exporter,
         settings.otel_exporter_otlp_endpoint,
@@ -63,7 +65,7 @@ def main() -> int:
         runner(serve(settings))
     except (ServingError, ValueError, OSError) as exc:
         logger.error("cannot start: %s", exc)
-        return 2
+        return workers.CONFIG_ERROR_EXIT
     return 0
 
 

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     """Connections are asked to reconnect after this age, so L4 balancers spread load."""
     max_connection_age_grace_s: float = Field(default=30.0, ge=0)
     """Time an aged connection's in-flight RPCs get before it is closed."""
+    workers: int = Field(default=1, ge=1, le=64)
+    """Server processes sharing the gRPC port (SO_REUSEPORT); >1 needs a fixed port. Worker k
+    serves /metrics on metrics_port + k. On Kubernetes, prefer replicas (one worker per pod)."""
+    reuse_port: bool = False
+    """Let other processes bind the same gRPC port (SO_REUSEPORT). Set for each worker by the
+    supervisor when workers > 1; set it yourself only to run workers under another supervisor."""
     uvloop: bool = True
     """Run the asyncio loop on uvloop (measured: same QPS, better tail at low concurrency)."""
     log_level: str = "INFO"
@@ -115,6 +121,14 @@ class Settings(BaseSettings):
         if token is not None and not _TOKEN_RE.fullmatch(token.get_secret_value()):
             raise ValueError("must be 16 to 512 visible ASCII characters with no spaces")
         return token
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> Settings:
+        if self.workers > 1 and self.port == 0:
+            raise ValueError("ML_SERVING_WORKERS > 1 needs a fixed ML_SERVING_PORT (not 0)")
+        if self.workers > 1 and self.metrics_port + self.workers - 1 > 65535:
+            raise ValueError("ML_SERVING_METRICS_PORT + ML_SERVING_WORKERS - 1 exceeds 65535")
+        return self
 
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:

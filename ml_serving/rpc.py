@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -82,6 +83,27 @@ class Gate:
         self.in_flight += 1
 
 
+class _RequestIds:
+    """Ids for calls that bring none: 32 hex digits, a random per-process prefix and a counter.
+
+    Unique across processes and restarts like a uuid4, at a tenth of its cost (no syscall).
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+_request_ids = _RequestIds()
+
+
 def _request_id(metadata: Sequence[tuple[str, Any]]) -> str:
     for key, value in metadata:
         if key == REQUEST_ID_KEY and isinstance(value, str) and value:
@@ -89,7 +111,7 @@ def _request_id(metadata: Sequence[tuple[str, Any]]) -> str:
             clean = "".join(ch for ch in value[:_MAX_REQUEST_ID_LEN] if ch.isprintable())
             if clean:
                 return clean
-    return uuid.uuid4().hex
+    return _request_ids.next()
 
 
 class MalformedRequest:

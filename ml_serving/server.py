@@ -37,8 +37,9 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 5 * ms),
         ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * ms)),
         ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * ms)),
-        # One process owns the port unless worker processes are asked for explicitly.
-        ("grpc.so_reuseport", 0),
+        # One process owns the port unless worker processes are asked for explicitly: with
+        # reuse on, a second server started by mistake would silently take half the traffic.
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ]
 
 

@@ -1,0 +1,135 @@
+"""Worker-process mode: a supervisor runs N servers that share the gRPC port (SO_REUSEPORT).
+
+One grpc.aio server runs its Python on one core at a time (the GIL), so one process cannot use
+a host's other cores. With ML_SERVING_WORKERS=N, `python -m ml_serving` becomes this supervisor:
+it starts N ordinary server processes with ML_SERVING_REUSE_PORT=true, and the kernel spreads
+incoming *connections* across them (a single client connection stays on one worker, so a client
+that wants all of them opens several). Worker k serves /metrics on ML_SERVING_METRICS_PORT + k.
+
+The supervisor forwards SIGTERM/SIGINT (each worker drains as usual), restarts a worker that
+dies while serving, and gives up (exit 1) when one keeps dying right after start, or at once
+(exit 2) when a worker reports a configuration error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+
+from ml_serving.config import Settings
+
+logger = logging.getLogger(__name__)
+
+CONFIG_ERROR_EXIT = 2
+"""What `python -m ml_serving` exits with on a configuration or environment error."""
+_POLL_S = 0.2
+_QUICK_DEATH_S = 10.0
+"""A worker that dies sooner than this after starting counts towards giving up."""
+_MAX_QUICK_DEATHS = 5
+_KILL_MARGIN_S = 10.0
+"""Beyond the drain grace, how long workers get before they are killed."""
+
+
+def worker_env(settings: Settings, index: int, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of worker `index`: the supervisor's, as one reuse-port worker."""
+    env = dict(base)
+    env["ML_SERVING_WORKERS"] = "1"
+    env["ML_SERVING_REUSE_PORT"] = "true"
+    metrics_port = settings.metrics_port + index if settings.metrics_port else 0
+    env["ML_SERVING_METRICS_PORT"] = str(metrics_port)
+    return env
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen[bytes]
+    started: float = field(default_factory=time.monotonic)
+
+
+class Supervisor:
+    """Starts, watches and stops the worker processes (see the module docstring)."""
+
+    def __init__(self, settings: Settings, command: list[str] | None = None) -> None:
+        self.settings = settings
+        self.command = command or [sys.executable, "-m", "ml_serving"]
+        self.workers: dict[int, _Worker] = {}
+        self.stopping = False
+        self.quick_deaths = 0
+        self._kill_after = float("inf")
+
+    def run(self) -> int:
+        """Serve until signalled or a worker fails for good; return the exit code."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        logger.info(
+            "supervisor starting workers",
+            extra={"workers": self.settings.workers, "port": self.settings.port},
+        )
+        for index in range(self.settings.workers):
+            self._start(index)
+        code = 0
+        while self.workers:
+            time.sleep(_POLL_S)
+            if self.stopping and time.monotonic() > self._kill_after:
+                for worker in self.workers.values():
+                    _signal(worker.process, signal.SIGKILL)
+            for worker in list(self.workers.values()):
+                status = worker.process.poll()
+                if status is None:
+                    continue
+                del self.workers[worker.index]
+                if self.stopping:
+                    code = max(code, status)
+                    continue
+                code = self._on_unexpected_exit(worker, status)
+                if code:
+                    self.stop()
+        logger.info("supervisor stopped", extra={"exit_code": code})
+        return code
+
+    def stop(self) -> None:
+        """Ask every worker to drain (SIGTERM); run() kills any left after the grace period."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self._kill_after = time.monotonic() + self.settings.shutdown_grace_s + _KILL_MARGIN_S
+        for worker in self.workers.values():
+            _signal(worker.process, signal.SIGTERM)
+
+    def _start(self, index: int) -> None:
+        env = worker_env(self.settings, index, os.environ)
+        process = subprocess.Popen(self.command, env=env)
+        self.workers[index] = _Worker(index, process)
+        logger.info("worker started", extra={"worker": index, "pid": process.pid})
+
+    def _on_unexpected_exit(self, worker: _Worker, status: int) -> int:
+        """Restart the worker, or return a non-zero exit code to give up with."""
+        logger.error(
+            "worker exited while serving", extra={"worker": worker.index, "exit_code": status}
+        )
+        if status == CONFIG_ERROR_EXIT:
+            return CONFIG_ERROR_EXIT
+        if time.monotonic() - worker.started < _QUICK_DEATH_S:
+            self.quick_deaths += 1
+            if self.quick_deaths >= _MAX_QUICK_DEATHS:
+                logger.error("workers keep dying at start; giving up")
+                return 1
+        self._start(worker.index)
+        return 0
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        logger.info("signal received", extra={"signal": signal.Signals(signum).name})
+        self.stop()
+
+
+def _signal(process: subprocess.Popen[bytes], signum: int) -> None:
+    if process.poll() is None:
+        process.send_signal(signum)
