@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -43,19 +44,19 @@ def _scraped_score_calls(port: int) -> float:
 
 
 def test_worker_env_gives_each_worker_its_metrics_port_and_port_reuse() -> None:
-    settings = Settings(_env_file=None, workers=3, port=50051, metrics_port=9090)
+    settings = Settings(_env_file=None, workers=3, port=50051, metrics_port=9090)  # type: ignore[call-arg]
     env = workers.worker_env(settings, 2, {"PATH": "/bin", "ML_SERVING_WORKERS": "3"})
     assert env["PATH"] == "/bin"
     assert env["ML_SERVING_WORKERS"] == "1"
     assert env["ML_SERVING_REUSE_PORT"] == "true"
     assert env["ML_SERVING_METRICS_PORT"] == "9092"
-    off = Settings(_env_file=None, workers=2, port=50051, metrics_port=0)
+    off = Settings(_env_file=None, workers=2, port=50051, metrics_port=0)  # type: ignore[call-arg]
     assert workers.worker_env(off, 1, {})["ML_SERVING_METRICS_PORT"] == "0"
 
 
 def test_workers_need_a_fixed_port() -> None:
     with pytest.raises(ValueError, match="needs a fixed ML_SERVING_PORT"):
-        Settings(_env_file=None, workers=2, port=0)
+        Settings(_env_file=None, workers=2, port=0)  # type: ignore[call-arg]
 
 
 def test_two_workers_share_the_port_restart_after_a_crash_and_drain_on_sigterm() -> None:
@@ -93,7 +94,7 @@ def test_two_workers_share_the_port_restart_after_a_crash_and_drain_on_sigterm()
     assert code == 0, proc.log()
 
 
-def test_a_worker_config_error_stops_the_supervisor_with_exit_2(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_worker_config_error_stops_the_supervisor_with_exit_2(tmp_path: Path) -> None:
     env = {
         k: v
         for k, v in os.environ.items()
