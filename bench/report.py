@@ -437,19 +437,29 @@ def render_markdown(results: dict[str, Any], verdicts: list[Verdict] | None) -> 
         )
     held = sorted(
         {
-            (h["concurrency"], h["ttft_s"], h["token_delay_s"])
+            (h["concurrency"], h["ttft_s"], h["token_delay_s"], h.get("timeout_s"))
             for p in setup["plan"]
             for h in p.get("held", [])
         }
     )
-    for concurrency, ttft_s, token_delay_s in held:
+    for concurrency, ttft_s, token_delay_s, held_timeout_s in held:
+        deadline = (
+            f"each call's deadline is {held_timeout_s:.0f} s (not the config's own): the wave "
+            "checks that this many open calls all complete (the lower-concurrency rows measure "
+            "throughput, at the configs' deadlines); it has no direct baseline, which would "
+            "only measure the pacing"
+            if held_timeout_s
+            else "the deadline stays the ghz config's"
+        )
         lines.append(
             f"- **Held calls at {concurrency:,}**: one wave of exactly {concurrency:,} calls, all "
             f"started at once, the upstream paced at TTFT {ttft_s * 1e3:.0f} ms and "
             f"{token_delay_s * 1e3:.0f} ms between tokens (about "
-            f"{ttft_s + 28 * token_delay_s:.1f} s a call) so that all of them are open together; "
-            "the deadline stays the ghz config's. *Upstream peak in flight* is how many "
-            "calls the upstream saw open at once."
+            f"{ttft_s + 28 * token_delay_s:.1f} s a call) so that all of them are open together "
+            "(one core relays well under 1,000 streamed chunks a second through LiteLLM, so the "
+            "pacing keeps the wave a test of holding calls, not of throughput); "
+            f"{deadline}. *Upstream peak in flight* is how many calls the upstream saw open at "
+            "once."
         )
     rounds = setup.get("score_rounds", 1)
     lines += [

@@ -347,7 +347,7 @@ class Bench:
     ) -> GrpcJob:
         specs = tuple(
             replace(
-                self.configs[stem].spec(timeout_s=scenario.timeout_s),
+                self.configs[stem].spec(timeout_s=scenario.timeout_for(concurrency)),
                 echo=echo,
             )
             for stem, _ in scenario.sources
@@ -446,7 +446,10 @@ class Bench:
             else:
                 base_row = None
                 row = self._run_server(scenario, concurrency, total)
-                if scenario.baseline == "direct" and self.upstream is not None:
+                # A held wave's direct baseline would only measure the pacing (and take as long
+                # as the wave): held waves have none.
+                held = scenario.held_pace(concurrency) is not None
+                if scenario.baseline == "direct" and self.upstream is not None and not held:
                     base_row = self._run_direct(scenario, concurrency, total)
                     self._add(base_row)
             if pace is not None:
@@ -596,7 +599,7 @@ class Bench:
             concurrency=concurrency,
             total=total,
             duration_s=scenario.duration_s,
-            timeout_s=scenario.timeout_s or config.timeout_s,
+            timeout_s=scenario.timeout_for(concurrency) or config.timeout_s,
         )
         assert self.upstream is not None
         result, cpu = self._measure(job, concurrency, self.upstream)
@@ -663,7 +666,8 @@ def run(options: Options) -> dict[str, Any]:
                     or max(bench.configs[stem].timeout_s for stem, _ in s.sources),
                     "baseline": s.baseline,
                     "held": [
-                        {"concurrency": c, "ttft_s": t, "token_delay_s": d} for c, t, d in s.held
+                        {"concurrency": c, "ttft_s": t, "token_delay_s": d, "timeout_s": dl}
+                        for c, t, d, dl in s.held
                     ],
                 }
                 for s in options.plan

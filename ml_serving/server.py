@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 
 import grpc
@@ -178,7 +179,7 @@ def _add_port(server: grpc.aio.Server, settings: Settings) -> int:
 
 async def _warm_up(app: App) -> None:
     # Import in a thread: litellm's import is seconds of CPU that must not block serving Score.
-    llm = await asyncio.to_thread(_import_llm)
+    llm = await asyncio.to_thread(_import_llm, app.settings.max_concurrent_rpcs)
     settings = app.settings
     try:
         routes = (
@@ -197,7 +198,12 @@ async def _warm_up(app: App) -> None:
     logger.info("ready", extra={"llm_route": gateway.alias, "llm_routes": list(routes.aliases)})
 
 
-def _import_llm():  # type: ignore[no-untyped-def]
+def _import_llm(max_upstream_connections: int):  # type: ignore[no-untyped-def]
+    # LiteLLM sizes its HTTP connection pool from these at import (defaults 1,000 in all and 500
+    # per host): with one provider host, the 501st concurrent Generate would wait silently for
+    # a connection. Every admitted RPC may hold one; an operator's own values win.
+    for name in ("AIOHTTP_CONNECTOR_LIMIT", "AIOHTTP_CONNECTOR_LIMIT_PER_HOST"):
+        os.environ.setdefault(name, str(max_upstream_connections))
     from ml_serving import llm
 
     return llm

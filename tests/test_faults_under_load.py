@@ -347,3 +347,34 @@ async def test_1000_concurrent_streams_all_finish_ok_with_bounded_memory(tmp_pat
             await chan.close()
         proc.stop()
         await upstream.stop()
+
+
+@pytest.mark.timeout(300)
+async def test_more_than_500_generate_calls_reach_one_upstream_host_at_once(
+    tmp_path: Path,
+) -> None:
+    # LiteLLM's own pool allows 500 connections per host: without the server raising it, call
+    # 501 waits, silently, for one of the first 500 to finish.
+    upstream = await _held_upstream()
+    config = write_llm_config(tmp_path / "llm.yaml", upstream, ["ok"], timeout=120)
+    proc = ServerProcess(ML_SERVING_LLM_CONFIG=str(config), ML_SERVING_LLM_FALLBACK="false")
+    channels = [grpc.aio.insecure_channel(proc.address) for _ in range(4)]
+    try:
+        await asyncio.to_thread(proc.wait_ready)
+        stubs = [pb_grpc.InferenceServiceStub(c) for c in channels]
+        calls = [
+            asyncio.ensure_future(stubs[i % 4].Generate(generate_request(), timeout=120))
+            for i in range(600)
+        ]
+        await _eventually(
+            lambda: upstream.in_progress >= 600, 90.0, "600 calls in flight at the upstream"
+        )
+        upstream.release.set()
+        replies = await asyncio.gather(*calls)
+        assert all(not reply.fallback and reply.text for reply in replies)
+    finally:
+        upstream.release.set()
+        for channel in channels:
+            await channel.close()
+        assert proc.stop() == 0, proc.log()
+        await upstream.stop()

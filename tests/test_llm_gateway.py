@@ -251,3 +251,36 @@ def test_cooldown_settings_are_accepted(tmp_path: Path, fake: FakeOpenAI) -> Non
         tmp_path, fake, ["ok"], "ok", disable_cooldowns=False, allowed_fails=3, cooldown_time=5
     )
     assert gw.route_model == "openai/ok"
+
+
+def test_openai_sdk_config_check_is_replaced_by_an_equivalent_fast_one() -> None:
+    import typing_extensions
+    from openai import _models
+    from openai.types.chat import ChatCompletionChunk
+
+    from ml_serving import llm
+
+    llm._speed_up_openai_models()
+    assert getattr(_models, "_ConfigProtocol") is llm._FastConfigCheck  # noqa: B009
+
+    @typing_extensions.runtime_checkable
+    class Original(typing_extensions.Protocol):  # the SDK's protocol, as it is declared
+        allow_population_by_field_name: bool
+
+    class V1Config:
+        allow_population_by_field_name = True
+
+    configs: tuple[object, ...] = (ChatCompletionChunk.model_config, {}, V1Config(), V1Config, 3)
+    for config in configs:
+        assert isinstance(config, llm._FastConfigCheck) == isinstance(config, Original)
+    chunk: Any = _models.construct_type(
+        value={
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}],
+        },
+        type_=ChatCompletionChunk,
+    )
+    assert chunk.choices[0].delta.content == "hi"
