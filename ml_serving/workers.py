@@ -33,6 +33,7 @@ _POLL_S = 0.2
 _QUICK_DEATH_S = 10.0
 """A worker that dies sooner than this after starting counts towards giving up."""
 _MAX_QUICK_DEATHS = 5
+"""Quick deaths in a row (no worker lasting longer in between) before the supervisor gives up."""
 _KILL_MARGIN_S = 10.0
 """Beyond the drain grace, how long workers get before they are killed."""
 
@@ -122,6 +123,8 @@ class Supervisor:
             if self.quick_deaths >= _MAX_QUICK_DEATHS:
                 logger.error("workers keep dying at start; giving up")
                 return 1
+        else:
+            self.quick_deaths = 0  # a worker that served for a while: start counting afresh
         self._start(worker.index)
         return 0
 
