@@ -274,6 +274,13 @@ def scaling_table(results: dict[str, Any]) -> list[str]:
     )
 
 
+def _run_label(row: Row) -> str:
+    workers = row.get("workers", 1)
+    return f"{row['scenario']} c={row['concurrency']}" + (
+        f" ×{workers} workers" if workers > 1 else ""
+    )
+
+
 def _cores(row: Row, key: str) -> float | None:
     if key == "client":
         return round(row["client_cpu_s"] / row["wall_s"], 2) if row["wall_s"] else None
@@ -289,11 +296,9 @@ def cpu_table(results: dict[str, Any]) -> list[str]:
         parts = [_cores(row, k) for k in ("server", "client", "upstream")]
         ours = sum(p for p in parts if p is not None)
         busy = row.get("machine_cores_busy")
-        workers = row.get("workers", 1)
         body.append(
             [
-                f"{row['scenario']} c={row['concurrency']}"
-                + (f" ×{workers} workers" if workers > 1 else ""),
+                _run_label(row),
                 *(_f(p, 2) for p in parts),
                 _f(ours, 2),
                 _f(busy, 2),
@@ -318,13 +323,9 @@ def _scaling_text(results: dict[str, Any]) -> list[str]:
     m = results["machine"]
     cores = m["cores_usable"]
     ours = [r for r in results["rows"] if r["target"] == "server"]
-    loop_bound = [
-        f"{r['scenario']} c={r['concurrency']}" for r in ours if (_cores(r, "server") or 0) >= 0.85
-    ]
+    loop_bound = [_run_label(r) for r in ours if (_cores(r, "server") or 0) >= 0.85]
     machine_bound = [
-        f"{r['scenario']} c={r['concurrency']}"
-        for r in ours
-        if (r.get("machine_cores_busy") or 0) >= 0.85 * cores
+        _run_label(r) for r in ours if (r.get("machine_cores_busy") or 0) >= 0.85 * cores
     ]
     workers = results["setup"].get("workers", 1)
     lines = [
@@ -437,12 +438,18 @@ def render_markdown(results: dict[str, Any], verdicts: list[Verdict] | None) -> 
         )
     held = sorted(
         {
-            (h["concurrency"], h["ttft_s"], h["token_delay_s"], h.get("timeout_s"))
+            (p["scenario"], h["concurrency"], h["ttft_s"], h["token_delay_s"], h.get("timeout_s"))
             for p in setup["plan"]
             for h in p.get("held", [])
         }
     )
-    for concurrency, ttft_s, token_delay_s, held_timeout_s in held:
+    for scenario, concurrency, ttft_s, token_delay_s, held_timeout_s in held:
+        why_paced = (
+            " (one core relays well under 1,000 streamed chunks a second through LiteLLM, so "
+            "the pacing keeps the wave a test of holding streams, not of throughput)"
+            if "stream" in scenario
+            else ""
+        )
         deadline = (
             f"each call's deadline is {held_timeout_s:.0f} s (not the config's own): the wave "
             "checks that this many open calls all complete (the lower-concurrency rows measure "
@@ -452,12 +459,12 @@ def render_markdown(results: dict[str, Any], verdicts: list[Verdict] | None) -> 
             else "the deadline stays the ghz config's"
         )
         lines.append(
-            f"- **Held calls at {concurrency:,}**: one wave of exactly {concurrency:,} calls, all "
+            f"- **Held `{scenario}` calls at {concurrency:,}**: one wave of exactly "
+            f"{concurrency:,} calls, all "
             f"started at once, the upstream paced at TTFT {ttft_s * 1e3:.0f} ms and "
             f"{token_delay_s * 1e3:.0f} ms between tokens (about "
-            f"{ttft_s + 28 * token_delay_s:.1f} s a call) so that all of them are open together "
-            "(one core relays well under 1,000 streamed chunks a second through LiteLLM, so the "
-            "pacing keeps the wave a test of holding calls, not of throughput); "
+            f"{ttft_s + 28 * token_delay_s:.1f} s a call) so that all of them are open together"
+            f"{why_paced}; "
             f"{deadline}. *Upstream peak in flight* is how many calls the upstream saw open at "
             "once."
         )
