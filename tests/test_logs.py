@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import time
 
 import pytest
 
@@ -52,3 +54,38 @@ async def test_prompts_and_completions_stay_out_of_info_logs(
     caplog.set_level(logging.DEBUG, logger="ml_serving.generation")
     await stub.Generate(request)
     assert any("prompt rendered" in r.getMessage() for r in caplog.records)
+
+
+def test_batching_handler_writes_quiet_lines_in_batches_and_warnings_at_once() -> None:
+    stream = io.StringIO()
+    handler = logs.BatchingHandler(stream, batch_lines=3, flush_interval_s=60)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("tests.batching")
+    log.propagate = False
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        log.info("one")
+        log.info("two")
+        assert stream.getvalue() == ""  # waiting for a batch
+        log.warning("three")  # written at once, after what came before
+        assert stream.getvalue() == "one\ntwo\nthree\n"
+        for word in ("four", "five", "six"):
+            log.info(word)
+        assert stream.getvalue().endswith("four\nfive\nsix\n")  # a full batch
+        log.info("seven")
+        handler.flush()  # what logging.shutdown does at exit
+        assert stream.getvalue().endswith("six\nseven\n")
+    finally:
+        log.removeHandler(handler)
+
+
+def test_batching_handler_flushes_a_quiet_line_within_its_interval() -> None:
+    stream = io.StringIO()
+    handler = logs.BatchingHandler(stream, batch_lines=100, flush_interval_s=0.05)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.handle(logging.makeLogRecord({"msg": "lonely", "levelno": logging.INFO}))
+    deadline = time.monotonic() + 5
+    while "lonely" not in stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream.getvalue() == "lonely\n"

@@ -65,7 +65,11 @@ async def test_request_id_is_echoed_or_generated(stub: pb_grpc.InferenceServiceA
     call = stub.ListPromptVersions(pb.ListPromptVersionsRequest())
     await call
     generated = dict(await call.trailing_metadata())["x-request-id"]
-    assert len(generated) == 32
+    assert len(generated) == 32 and int(generated, 16) >= 0
+    call = stub.ListPromptVersions(pb.ListPromptVersionsRequest())
+    await call
+    following = dict(await call.trailing_metadata())["x-request-id"]
+    assert following != generated and following[:16] == generated[:16]  # same process prefix
 
 
 async def test_request_id_comes_back_on_errors_too(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
