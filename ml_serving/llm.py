@@ -1,4 +1,4 @@
-"""LiteLLM gateway: routes from a model_list YAML, the offline provider, and error mapping.
+"""LiteLLM gateway: calls over the configured routes, the offline provider, and error mapping.
 
 This is the only module that imports litellm. Importing it takes seconds, so the server imports
 this module in a worker thread after it starts listening, and reports readiness only once
@@ -16,7 +16,6 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 # Before the import: by default litellm fetches a price map over the network at import time,
@@ -24,23 +23,37 @@ from typing import Any
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import litellm  # noqa: E402
-import yaml  # noqa: E402
 from litellm import CustomLLM  # noqa: E402
 from litellm import exceptions as llm_errors  # noqa: E402
 from litellm.secret_managers.main import get_secret_str  # noqa: E402
 from litellm.types.utils import GenericStreamingChunk, ModelResponse  # noqa: E402
 
 from ml_serving import errors  # noqa: E402
+from ml_serving.llm_routes import (  # noqa: E402
+    OFFLINE_ALIAS,
+    OFFLINE_MODEL,
+    OFFLINE_PROVIDER,
+    ROUTER_ONLY_PARAMS,
+    RetryPlan,
+    RouteConfig,
+    load_routes,
+    offline_routes,
+)
+
+__all__ = [
+    "OFFLINE_ALIAS",
+    "OFFLINE_MODEL",
+    "Completion",
+    "LLMGateway",
+    "RouteConfig",
+    "load_routes",
+    "offline_routes",
+]
 
 logger = logging.getLogger(__name__)
 
-OFFLINE_PROVIDER = "offline"
-OFFLINE_MODEL = f"{OFFLINE_PROVIDER}/tip-composer-1"
-OFFLINE_ALIAS = "offline"
 METADATA_KEY = "mlserving_offline_tip"
 """Metadata key carrying the offline provider's pre-composed tip (set by the caller)."""
-
-_DEFAULT_ROUTER_SETTINGS: dict[str, Any] = {"num_retries": 2, "timeout": 30.0}
 
 
 @dataclass(frozen=True)
@@ -53,56 +66,6 @@ class Completion:
     completion_tokens: int
     finish_reason: str
     """"stop", "length", "content_filter" or "" when the provider did not say."""
-
-
-@dataclass(frozen=True)
-class RouteConfig:
-    """What a LiteLLM config file holds that we use: the model list and router settings."""
-
-    model_list: tuple[dict[str, Any], ...]
-    router_settings: Mapping[str, Any]
-
-    @property
-    def aliases(self) -> tuple[str, ...]:
-        """Route aliases (model_name) in file order, without repeats."""
-        return tuple(dict.fromkeys(entry["model_name"] for entry in self.model_list))
-
-
-def offline_routes() -> RouteConfig:
-    """The built-in route used when no config file is given: the offline provider only."""
-    return RouteConfig(
-        model_list=({"model_name": OFFLINE_ALIAS, "litellm_params": {"model": OFFLINE_MODEL}},),
-        router_settings={},
-    )
-
-
-def load_routes(path: Path) -> RouteConfig:
-    """Read and check a LiteLLM config (model_list, optional router_settings); raise ValueError."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"cannot read LLM config {path}: {exc}") from exc
-    if not isinstance(raw, dict) or not isinstance(raw.get("model_list"), list):
-        raise ValueError(f"LLM config {path} needs a 'model_list' list (LiteLLM config format)")
-    entries: list[dict[str, Any]] = []
-    for i, entry in enumerate(raw["model_list"]):
-        params = entry.get("litellm_params") if isinstance(entry, dict) else None
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("model_name"), str)
-            or not isinstance(params, dict)
-            or not isinstance(params.get("model"), str)
-        ):
-            raise ValueError(
-                f"LLM config {path}: model_list[{i}] needs model_name and litellm_params.model"
-            )
-        entries.append(entry)
-    if not entries:
-        raise ValueError(f"LLM config {path}: model_list is empty")
-    router_settings = raw.get("router_settings") or {}
-    if not isinstance(router_settings, dict):
-        raise ValueError(f"LLM config {path}: router_settings must be a mapping")
-    return RouteConfig(model_list=tuple(entries), router_settings=router_settings)
 
 
 class OfflineTipComposer(CustomLLM):  # type: ignore[misc]
@@ -238,100 +201,6 @@ class _Deployment:
     weight: float
 
 
-@dataclass(frozen=True)
-class _RetryPlan:
-    """router_settings as our retry and fallback loop reads them (the Router's names, meaning)."""
-
-    num_retries: int
-    timeout_s: float
-    retry_after_s: float
-    fallbacks: Mapping[str, tuple[str, ...]]
-    context_window_fallbacks: Mapping[str, tuple[str, ...]]
-    content_policy_fallbacks: Mapping[str, tuple[str, ...]]
-
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any], aliases: Sequence[str]) -> _RetryPlan:
-        """Check router_settings against what the loop implements; raise ValueError."""
-        unknown = set(settings) - _SUPPORTED_ROUTER_SETTINGS - _IGNORED_ROUTER_SETTINGS
-        if unknown:
-            raise ValueError(
-                f"router_settings {', '.join(sorted(unknown))} not supported; supported: "
-                f"{', '.join(sorted(_SUPPORTED_ROUTER_SETTINGS | _IGNORED_ROUTER_SETTINGS))}"
-            )
-        merged = {**_DEFAULT_ROUTER_SETTINGS, **settings}
-        num_retries, timeout_s = merged["num_retries"], merged["timeout"]
-        retry_after_s = merged.get("retry_after", 0)
-        if isinstance(num_retries, bool) or not isinstance(num_retries, int) or num_retries < 0:
-            raise ValueError("router_settings.num_retries must be an integer >= 0")
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s <= 0:
-            raise ValueError("router_settings.timeout must be a number > 0")
-        if isinstance(retry_after_s, bool) or not isinstance(retry_after_s, int | float):
-            raise ValueError("router_settings.retry_after must be a number")
-        return cls(
-            num_retries=num_retries,
-            timeout_s=float(timeout_s),
-            retry_after_s=float(max(retry_after_s, 0)),
-            fallbacks=_fallback_map(merged.get("fallbacks"), "fallbacks", aliases),
-            context_window_fallbacks=_fallback_map(
-                merged.get("context_window_fallbacks"), "context_window_fallbacks", aliases
-            ),
-            content_policy_fallbacks=_fallback_map(
-                merged.get("content_policy_fallbacks"), "content_policy_fallbacks", aliases
-            ),
-        )
-
-    def fallbacks_for(self, alias: str, exc: BaseException) -> tuple[str, ...]:
-        """The aliases to try after `alias` failed with `exc` (the Router's choice of list)."""
-        if isinstance(exc, llm_errors.ContextWindowExceededError):
-            table = self.context_window_fallbacks
-        elif isinstance(exc, llm_errors.ContentPolicyViolationError):
-            table = self.content_policy_fallbacks
-        else:
-            table = self.fallbacks
-        return table.get(alias) or table.get("*") or ()
-
-
-# The Router's cooldown knobs: accepted so LiteLLM config files stay valid, but there are no
-# cooldowns to tune (see LLMGateway).
-_IGNORED_ROUTER_SETTINGS = frozenset({"disable_cooldowns", "allowed_fails", "cooldown_time"})
-_SUPPORTED_ROUTER_SETTINGS = frozenset(
-    {
-        "num_retries",
-        "timeout",
-        "retry_after",
-        "fallbacks",
-        "context_window_fallbacks",
-        "content_policy_fallbacks",
-    }
-)
-# litellm_params keys only the Router reads (load balancing); never sent to the provider.
-_ROUTER_ONLY_PARAMS = frozenset({"weight", "rpm", "tpm", "order", "max_parallel_requests"})
-
-
-def _fallback_map(raw: object, name: str, aliases: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """`[{alias: [fallback, ...]}, ...]` (LiteLLM's format) as a dict; "*" is every alias."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, list):
-        raise ValueError(f"router_settings.{name} must be a list of {{alias: [alias, ...]}}")
-    table: dict[str, tuple[str, ...]] = {}
-    for entry in raw:
-        if not isinstance(entry, dict):
-            raise ValueError(f"router_settings.{name} must be a list of {{alias: [alias, ...]}}")
-        for source, targets in entry.items():
-            if isinstance(targets, str):
-                targets = [targets]
-            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-                raise ValueError(f"router_settings.{name}.{source} must be a list of aliases")
-            unknown = [str(a) for a in (source, *targets) if a != "*" and a not in aliases]
-            if unknown:
-                raise ValueError(
-                    f"router_settings.{name} names unknown aliases: {', '.join(unknown)}"
-                )
-            table[str(source)] = tuple(targets)
-    return table
-
-
 def _deployment(entry: Mapping[str, Any], default_timeout_s: float) -> _Deployment:
     params: dict[str, Any] = {}
     for key, value in entry["litellm_params"].items():
@@ -344,7 +213,7 @@ def _deployment(entry: Mapping[str, Any], default_timeout_s: float) -> _Deployme
     params.setdefault("max_retries", 0)
     timeout = params.pop("timeout", None)
     weight = params.get("weight", 1)
-    for key in _ROUTER_ONLY_PARAMS:
+    for key in ROUTER_ONLY_PARAMS:
         params.pop(key, None)
     timeout_s = float(timeout) if isinstance(timeout, int | float) and timeout > 0 else None
     return _Deployment(
@@ -353,6 +222,15 @@ def _deployment(entry: Mapping[str, Any], default_timeout_s: float) -> _Deployme
         timeout_s=timeout_s or default_timeout_s,
         weight=float(weight) if isinstance(weight, int | float) and weight > 0 else 1.0,
     )
+
+
+def _fallback_kind(exc: BaseException) -> str:
+    """Which router_settings fallback list applies to a failure (see RetryPlan.fallbacks_for)."""
+    if isinstance(exc, llm_errors.ContextWindowExceededError):
+        return "context_window"
+    if isinstance(exc, llm_errors.ContentPolicyViolationError):
+        return "content_policy"
+    return ""
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -416,7 +294,7 @@ class LLMGateway:
                 f"known: {', '.join(routes.aliases)}"
             )
         self.alias = alias or routes.aliases[0]
-        self._plan = _RetryPlan.from_settings(routes.router_settings, routes.aliases)
+        self._plan = RetryPlan.from_settings(routes.router_settings, routes.aliases)
         groups: dict[str, list[_Deployment]] = {}
         for entry in routes.model_list:
             groups.setdefault(entry["model_name"], []).append(
@@ -532,7 +410,7 @@ class LLMGateway:
             except Exception as exc:
                 if first_error is None:
                     first_error = exc
-                    aliases += self._plan.fallbacks_for(alias, exc)
+                    aliases += self._plan.fallbacks_for(alias, _fallback_kind(exc))
                 logger.debug("LLM route %s failed: %s", alias, type(exc).__name__)
             i += 1
         assert first_error is not None
