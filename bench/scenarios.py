@@ -193,7 +193,7 @@ fit the pacing; the ghz configs keep their own."""
 
 
 def default_plan() -> list[Scenario]:
-    """The full benchmark (about 5 minutes on 2 cores)."""
+    """The full benchmark (about 6-7 minutes on 2 cores, with the worker sweep)."""
     return [
         Scenario("score", (("score", 1.0),), (1, 8, 64), duration_s=9.0, baseline="echo"),
         Scenario(
