@@ -61,9 +61,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of pid (children, their children, ...), from /proc."""
-    parent: dict[int, int] = {}
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """Every live process: pid -> (parent pid, user + system CPU seconds), one pass of /proc."""
+    table: dict[int, tuple[int, float]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -71,13 +71,19 @@ def descendants(pid: int) -> list[int]:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rpartition(")")[2].split()
         except OSError:
-            continue
-        parent[int(entry)] = int(fields[1])
+            continue  # exited meanwhile
+        table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK)
+    return table
+
+
+def descendants(pid: int, table: dict[int, tuple[int, float]] | None = None) -> list[int]:
+    """Every live descendant of pid (children, their children, ...), from /proc."""
+    table = _proc_table() if table is None else table
     found: list[int] = []
     frontier = [pid]
     while frontier:
         current = frontier.pop()
-        children = [p for p, pp in parent.items() if pp == current]
+        children = [p for p, (ppid, _) in table.items() if ppid == current]
         found.extend(children)
         frontier.extend(children)
     return found
@@ -159,15 +165,11 @@ class Proc:
 
     def cpu_s(self) -> float:
         """User + system CPU seconds of the process tree (all threads) so far; 0 once exited."""
-        total = 0.0
-        for pid in self.pids():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rpartition(")")[2].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / _CLK_TCK
-        return total
+        if not self.alive():
+            return 0.0
+        table = _proc_table()
+        tree = [self.pid, *descendants(self.pid, table)]
+        return sum(table[pid][1] for pid in tree if pid in table)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         if self.popen.poll() is None:

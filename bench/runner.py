@@ -236,8 +236,8 @@ class Bench:
         """Cores the fake upstream used during the last measured run."""
         """The upstream pacing of the run being measured (warm-up always uses the default)."""
 
-    def _uses(self, stems: tuple[str, ...]) -> bool:
-        return any(stem in stems for s in self.o.plan for stem, _ in s.sources)
+    def _uses(self, stems: tuple[str, ...], plan: list[Scenario]) -> bool:
+        return any(stem in stems for s in plan for stem, _ in s.sources)
 
     def _llm_stems(self) -> tuple[str, ...]:
         return tuple(
@@ -248,16 +248,19 @@ class Bench:
         """Client connections per process: the kernel balances worker processes by connection."""
         return 1 if self.workers == 1 else 4 * self.workers
 
-    def start(self, workers: int | None = None) -> None:
+    def start(self, workers: int | None = None, plan: list[Scenario] | None = None) -> None:
+        """Start what `plan` (default: the whole plan) needs: the server with `workers`, the
+        echo ceiling with as many processes, the fake upstream if it makes LLM calls."""
         o = self.o
         self.workers = o.workers if workers is None else workers
-        for s in o.plan:
+        plan = o.plan if plan is None else plan
+        for s in plan:
             for stem, _ in s.sources:
                 if stem not in self.configs:
                     raise SystemExit(f"scenario {s.name}: no bench/ghz/{stem}.json")
         o.work_dir.mkdir(parents=True, exist_ok=True)
         server_env = {}
-        if self._uses(self._llm_stems()):
+        if self._uses(self._llm_stems(), plan):
             self.upstream, self.upstream_port = procs.start_upstream(
                 o.ttft_s, o.token_delay_s, o.work_dir / "upstream.log", o.work_dir
             )
@@ -291,7 +294,7 @@ class Bench:
             "yes",
             "on",
         )
-        if any(s.baseline == "echo" for s in o.plan):
+        if any(s.baseline == "echo" for s in plan):
             self.echo, self.echo_port = procs.start_echo(
                 uvloop, o.work_dir / "echo.log", o.work_dir, self.workers
             )
@@ -331,14 +334,21 @@ class Bench:
             return
         concurrency = max(score.concurrencies)
         sweep = replace(score, name="scaling", concurrencies=(concurrency,))
+        # setup.server and setup.echo keep describing the plan's runs; the sweep's go apart.
+        plan_notes: dict[str, Any] = {
+            k: self.notes[k] for k in ("server", "echo") if k in self.notes
+        }
+        sweep_notes = []
         for workers in self.o.scaling:
             self.stop(keep_pool=True)
-            self.start(workers)
+            self.start(workers, [sweep])  # Score only: no fake upstream
+            sweep_notes.append({k: self.notes[k] for k in ("server", "echo")})
             total = sweep.total_for(concurrency, self.configs)
             base_row, row = self._run_against_echo(sweep, concurrency, total)
             row["vs_baseline"] = compare(row, base_row)
             self._add(base_row)
             self._add(row)
+        self.notes.update(plan_notes, scaling=sweep_notes)
 
     # --- runs ----------------------------------------------------------------------------------
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -13,24 +11,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bench.procs import descendants
 from ml_serving import workers
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from ml_serving.config import Settings
 from tests.requests import score_request
-from tests.server_process import REPO, ServerProcess, free_port
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rpartition(")")[2].split()[1]) == pid:
-                        out.append(int(entry))
-            except OSError:
-                continue
-    return out
+from tests.server_process import ServerProcess, free_port
 
 
 def _scraped_score_calls(port: int) -> float:
@@ -64,9 +50,9 @@ def test_two_workers_share_the_port_restart_after_a_crash_and_drain_on_sigterm()
     proc = ServerProcess(ML_SERVING_WORKERS="2", ML_SERVING_METRICS_PORT=str(metrics_port))
     try:
         deadline = time.monotonic() + 60
-        while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:
+        while len(descendants(proc.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
-        first = sorted(_children(proc.pid))
+        first = sorted(descendants(proc.pid))
         assert len(first) == 2, proc.log()
         proc.wait_ready()
         # Each call on its own connection: the kernel spreads connections over the workers.
@@ -83,11 +69,11 @@ def test_two_workers_share_the_port_restart_after_a_crash_and_drain_on_sigterm()
         os.kill(first[0], signal.SIGKILL)  # a worker dies while serving: it is replaced
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            now = _children(proc.pid)
+            now = descendants(proc.pid)
             if len(now) == 2 and first[0] not in now:
                 break
             time.sleep(0.2)
-        assert len(_children(proc.pid)) == 2 and first[0] not in _children(proc.pid)
+        assert len(descendants(proc.pid)) == 2 and first[0] not in descendants(proc.pid)
         assert "worker exited while serving" in proc.log(200)
     finally:
         code = proc.stop()
@@ -95,25 +81,11 @@ def test_two_workers_share_the_port_restart_after_a_crash_and_drain_on_sigterm()
 
 
 def test_a_worker_config_error_stops_the_supervisor_with_exit_2(tmp_path: Path) -> None:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("ML_SERVING_") and k != "DEFAULT_PROMPT_VERSION"
-    }
-    env.update(
-        ML_SERVING_HOST="127.0.0.1",
-        ML_SERVING_PORT=str(free_port()),
-        ML_SERVING_METRICS_PORT="0",
-        ML_SERVING_WORKERS="2",
-        ML_SERVING_LLM_CONFIG=str(tmp_path / "missing.yaml"),
+    proc = ServerProcess(
+        ML_SERVING_WORKERS="2", ML_SERVING_LLM_CONFIG=str(tmp_path / "missing.yaml")
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "ml_serving"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == workers.CONFIG_ERROR_EXIT, done.stderr[-2000:]
-    assert "cannot read LLM config" in done.stderr
+    code = proc.popen.wait(120)
+    log = proc.log(200)
+    proc.stop()
+    assert code == workers.CONFIG_ERROR_EXIT, log
+    assert "cannot read LLM config" in log
