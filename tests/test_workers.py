@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -16,7 +17,24 @@ from ml_serving import workers
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from ml_serving.config import Settings
 from tests.requests import score_request
-from tests.server_process import ServerProcess, free_port
+from tests.server_process import ServerProcess
+
+
+def _two_free_ports() -> list[socket.socket]:
+    """Sockets bound to two consecutive free ports: hold them while the server picks its own
+    gRPC port (ports handed out one after another are often consecutive), then close them."""
+    for _ in range(100):
+        first = socket.socket()
+        first.bind(("127.0.0.1", 0))
+        second = socket.socket()
+        try:
+            second.bind(("127.0.0.1", first.getsockname()[1] + 1))
+        except OSError:
+            first.close()
+            second.close()
+            continue
+        return [first, second]
+    raise RuntimeError("no two consecutive free ports")
 
 
 def _scraped_score_calls(port: int) -> float:
@@ -46,8 +64,11 @@ def test_workers_need_a_fixed_port() -> None:
 
 
 def test_two_workers_share_the_port_restart_after_a_crash_and_drain_on_sigterm() -> None:
-    metrics_port = free_port()
+    held = _two_free_ports()  # worker k serves metrics on base + k
+    metrics_port = held[0].getsockname()[1]
     proc = ServerProcess(ML_SERVING_WORKERS="2", ML_SERVING_METRICS_PORT=str(metrics_port))
+    for sock in held:
+        sock.close()
     try:
         deadline = time.monotonic() + 60
         while len(descendants(proc.pid)) < 2 and time.monotonic() < deadline:
