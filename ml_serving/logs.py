@@ -14,6 +14,8 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is logged too.
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# One encoder for every line: json.dumps(default=...) would build a new one per call.
+_ENCODER = json.JSONEncoder(default=str)
 
 
 class JsonFormatter(logging.Formatter):
@@ -40,7 +42,47 @@ class JsonFormatter(logging.Formatter):
                 payload[key] = value
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str)
+        return _ENCODER.encode(payload)
+
+
+class FieldsLogger:
+    """``logger.info(msg, extra=fields)`` for a line written on every RPC, at a fraction of the
+    cost: the record is a copy of one the logger built once, with the time, message and fields
+    filled in. Level, disabled flag, filters, handlers and formatters apply as for any record;
+    only a custom ``logging.setLogRecordFactory`` is bypassed.
+    """
+
+    def __init__(self, logger: logging.Logger, level: int = logging.INFO) -> None:
+        self.logger = logger
+        self.level = level
+        self._template: dict[str, Any] | None = None
+
+    def log(self, msg: str, fields: dict[str, Any]) -> None:
+        """Log ``msg`` (taken as is, not %-formatted) with ``fields`` as extra attributes."""
+        logger = self.logger
+        if not logger.isEnabledFor(self.level):
+            return
+        template = self._template
+        if template is None:
+            # Built by the real machinery (so it has every attribute this Python's records
+            # have), once: findCaller is off (logs.configure) or pointless for a fixed line.
+            template = self._template = vars(
+                logger.makeRecord(logger.name, self.level, "(unknown file)", 0, "", (), None)
+            )
+        record = logging.LogRecord.__new__(logging.LogRecord)
+        attrs = record.__dict__
+        attrs.update(template)
+        created = time.time()
+        attrs["created"] = created
+        attrs["msecs"] = int((created - int(created)) * 1000) + 0.0
+        attrs["relativeCreated"] = (created - _START_TIME) * 1000
+        attrs["msg"] = msg
+        attrs.update(fields)
+        logger.handle(record)
+
+
+# logging's own start time, so relativeCreated means the same as in records it builds.
+_START_TIME: float = logging._startTime  # type: ignore[attr-defined]
 
 
 class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]

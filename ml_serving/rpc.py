@@ -21,10 +21,11 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from pydantic import SecretStr
 
 from ml_serving import errors, security, tracing
-from ml_serving.logs import request_id_var
+from ml_serving.logs import FieldsLogger, request_id_var
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("ml_serving.access")
+_access_log = FieldsLogger(access_logger)
 
 SERVICE = "mlserving.v1.InferenceService"
 REQUEST_ID_KEY = "x-request-id"
@@ -205,11 +206,9 @@ class _Call:
             self.gate.in_flight -= 1
             self.admitted = False
         elapsed = time.perf_counter() - self.started
-        access_logger.info(
-            "rpc %s %s",
-            self.method,
-            code,
-            extra={
+        _access_log.log(
+            f"rpc {self.method} {code}",
+            {
                 "request_id": self.request_id,
                 "method": self.method,
                 "code": code,

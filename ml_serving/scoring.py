@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+import struct
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
@@ -185,6 +186,14 @@ def _alignment(group: Group, names: tuple[str, ...]) -> _Alignment:
     return _Alignment(names, None if identity else positions, features.defaults(group))
 
 
+def _floats(rows: Iterable[Sequence[float]], count: int) -> Float64Array:
+    """The rows' values, concatenated, as one float64 array (``count`` values in all)."""
+    # Slicing a protobuf repeated field builds its list in C, and struct packs the lot in one
+    # C loop: about half the CPU of np.fromiter pulling the fields' items one by one.
+    packed = struct.pack(f"{count}d", *itertools.chain.from_iterable([row[:] for row in rows]))
+    return np.frombuffer(packed, dtype=np.float64)
+
+
 def _first_bad(values: Float64Array) -> int | None:
     """Index (flat) of the first value that is NaN, infinite or outside float32 range."""
     # Fast path, one reduction: NaN propagates through max and compares False, like +-inf and
@@ -218,7 +227,7 @@ def align_request(
             f"expected {n_ctx} values (one per context_feature_names entry), "
             f"got {len(context_values)}",
         )
-    ctx64 = np.fromiter(context_values, dtype=np.float64, count=n_ctx)
+    ctx64 = _floats((context_values,), n_ctx)
     bad = _first_bad(ctx64)
     if bad is not None:
         raise InvalidArgument(
@@ -249,7 +258,7 @@ def align_request(
             f"candidates[{i}].values",
             f"expected {k} values (one per candidate_feature_names entry), got {lengths[i]}",
         )
-    flat = np.fromiter(itertools.chain.from_iterable(candidate_values), np.float64, count=n * k)
+    flat = _floats(candidate_values, n * k)
     bad = _first_bad(flat)
     if bad is not None:
         i, j = divmod(bad, k)

@@ -89,3 +89,57 @@ def test_batching_handler_flushes_a_quiet_line_within_its_interval() -> None:
     while "lonely" not in stream.getvalue() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert stream.getvalue() == "lonely\n"
+
+
+def test_fields_logger_writes_the_line_logger_info_would() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("ml_serving.test_fields")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    fields = {"request_id": "r-1", "method": "Score", "code": "OK", "duration_ms": 1.5}
+    logger.info("rpc Score OK", extra=fields)
+    logs.FieldsLogger(logger).log("rpc Score OK", fields)
+    via_info, via_fields = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert via_info.keys() == via_fields.keys()
+    assert {k: v for k, v in via_fields.items() if k != "ts"} == {
+        k: v for k, v in via_info.items() if k != "ts"
+    }
+
+
+def test_fields_logger_stamps_each_record_with_its_own_time() -> None:
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("ml_serving.test_fields_time")
+    logger.handlers[:] = [Keep()]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    fields_logger = logs.FieldsLogger(logger)
+    fields_logger.log("first", {})
+    time.sleep(0.01)
+    fields_logger.log("second", {})
+    first, second = records
+    assert second.created - first.created >= 0.009
+    assert second.getMessage() == "second" and first.getMessage() == "first"
+
+
+def test_fields_logger_respects_level_and_disabled() -> None:
+    stream = io.StringIO()
+    logger = logging.getLogger("ml_serving.test_fields_quiet")
+    logger.handlers[:] = [logging.StreamHandler(stream)]
+    logger.propagate = False
+    logger.setLevel(logging.WARNING)
+    fields_logger = logs.FieldsLogger(logger)
+    fields_logger.log("below the level", {})
+    logger.setLevel(logging.INFO)
+    logger.disabled = True
+    fields_logger.log("disabled", {})
+    logger.disabled = False
+    fields_logger.log("written", {"n": 1})
+    assert stream.getvalue() == "written\n"
