@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import itertools
 import logging
@@ -220,11 +219,13 @@ class _Call:
             observer.rpc_finished(self.method, code, elapsed, self.notes)
         if self._span is not None:
             self._span.end(code, self.notes)
-        # A stream finalised after a cancel runs here in another Context, where these tokens
-        # cannot be reset (nor need to be: the call's own Context is gone).
-        with contextlib.suppress(ValueError):
+        try:
             _annotations.reset(self._tokens[1])
             request_id_var.reset(self._tokens[0])
+        except ValueError:
+            # A stream finalised after a cancel runs here in another Context, where these
+            # tokens cannot be reset (nor need to be: the call's own Context is gone).
+            pass
 
     async def fail(self, exc: BaseException) -> None:
         """End the RPC with the status for exc; anything not a ServingError is a fixed INTERNAL

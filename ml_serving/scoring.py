@@ -97,11 +97,14 @@ class Model:
         _check_candidates(candidates)
         # One user: fold the context into the weights instead of building the design matrix.
         norm = self.weights.normalization
-        weights, bias = features.collapse_context(
-            self.weights.coef, norm.normalize_context(context)
-        )
-        z = norm.normalize_candidates(candidates) @ weights + (bias + self.weights.intercept)
+        weights, bias = self._fold.collapse(norm.normalize_context(context))
+        z = norm.normalize_candidates(candidates) @ weights
+        z += bias
         return sigmoid(z)
+
+    @functools.cached_property
+    def _fold(self) -> features.ContextFold:
+        return features.ContextFold.of(self.weights.coef, self.weights.intercept)
 
     def predict_rows(
         self, contexts: npt.NDArray[Any], candidates: npt.NDArray[Any]

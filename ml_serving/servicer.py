@@ -64,8 +64,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         context: grpc.aio.ServicerContext[pb.ScoreRequest, pb.ScoreResponse],
     ) -> pb.ScoreResponse:
         model = self._models.current  # one version for the whole request, even mid-promotion
-        candidates = request.candidates
-        ids = [c.id for c in candidates]
+        ids: list[str] = []
+        rows = []
+        for candidate in request.candidates:  # one pass: each element access builds a wrapper
+            ids.append(candidate.id)
+            rows.append(candidate.values)
         with tracing.child_span("score.model", candidates=len(ids)):
             result = score(
                 model,
@@ -73,7 +76,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 context_values=request.context_values,
                 candidate_feature_names=request.candidate_feature_names,
                 candidate_ids=ids,
-                candidate_values=[c.values for c in candidates],
+                candidate_values=rows,
                 max_candidates=self._settings.max_candidates,
             )
         rpc.annotate(model=f"{result.model_name}:{result.model_version}", candidates=len(ids))

@@ -200,3 +200,14 @@ def test_rows_from_mappings() -> None:
         features.rows_from_mappings([{"tenure_days": float("nan")}], Group.CONTEXT)
     with pytest.raises(ValueError, match="required context feature 'tenure_days'"):
         features.rows_from_mappings([{"sessions_7d": 1.0}], Group.CONTEXT)
+
+
+def test_context_fold_equals_the_design_matrix_product() -> None:
+    rng = np.random.default_rng(7)
+    coef = rng.normal(size=features.N_DESIGN)
+    intercept = float(rng.normal())
+    context = rng.normal(size=features.N_CONTEXT)
+    candidates = rng.normal(size=(25, features.N_CANDIDATE))
+    weights, bias = features.ContextFold.of(coef, intercept).collapse(context)
+    expected = features.design_matrix(context, candidates) @ coef + intercept
+    np.testing.assert_allclose(candidates @ weights + bias, expected, rtol=0, atol=1e-12)
