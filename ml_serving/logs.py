@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import sys
 import threading
 import time
 from typing import Any, TextIO
@@ -49,7 +50,8 @@ class FieldsLogger:
     """``logger.info(msg, extra=fields)`` for a line written on every RPC, at a fraction of the
     cost: the record is a copy of one the logger built once, with the time, message and fields
     filled in. Level, disabled flag, filters, handlers and formatters apply as for any record;
-    only a custom ``logging.setLogRecordFactory`` is bypassed.
+    a custom ``logging.setLogRecordFactory`` is bypassed, and the thread, process and asyncio
+    task fields are the first record's (``logs.configure`` turns their collection off anyway).
     """
 
     def __init__(self, logger: logging.Logger, level: int = logging.INFO) -> None:
@@ -75,14 +77,12 @@ class FieldsLogger:
         created = time.time()
         attrs["created"] = created
         attrs["msecs"] = int((created - int(created)) * 1000) + 0.0
-        attrs["relativeCreated"] = (created - _START_TIME) * 1000
+        attrs["relativeCreated"] = (
+            template["relativeCreated"] + (created - template["created"]) * 1e3
+        )
         attrs["msg"] = msg
         attrs.update(fields)
         logger.handle(record)
-
-
-# logging's own start time, so relativeCreated means the same as in records it builds.
-_START_TIME: float = logging._startTime  # type: ignore[attr-defined]
 
 
 class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -143,6 +143,8 @@ def configure(level: str, json_lines: bool) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    if sys.version_info >= (3, 12):
+        logging.logAsyncioTasks = False
     handler = BatchingHandler()
     if json_lines:
         handler.setFormatter(JsonFormatter())
