@@ -230,17 +230,39 @@ def align_request(
             f"expected {n_ctx} values (one per context_feature_names entry), "
             f"got {len(context_values)}",
         )
-    ctx64 = _floats((context_values,), n_ctx)
-    bad = _first_bad(ctx64)
-    if bad is not None:
-        raise InvalidArgument(
-            f"context_values[{bad}]",
-            f"feature {ctx_align.names[bad]!r} must be a finite float32, got {ctx64[bad]}",
-        )
-    context = _place_row(ctx_align, ctx64.astype(DTYPE))
+    try:
+        cand_align = _alignment(Group.CANDIDATE, tuple(candidate_feature_names))
+        k = len(cand_align.names)
+        n = _check_candidate_shape(cand_align, candidate_ids, candidate_values, max_candidates)
+    except InvalidArgument:
+        # The context values come first in the order errors are reported in; the happy path
+        # checks them together with the candidates' values, below.
+        _check_context_values(ctx_align, _floats((context_values,), n_ctx))
+        raise
+    # All values in one array: one conversion, one finiteness check, one cast.
+    values = _floats((context_values, *candidate_values), n_ctx + n * k)
+    if _first_bad(values) is not None:
+        _check_context_values(ctx_align, values[:n_ctx])
+        _check_candidate_values(cand_align, values[n_ctx:])
+    raw = values.astype(DTYPE)
+    context = _place_row(ctx_align, raw[:n_ctx])
+    cand32 = raw[n_ctx:].reshape(n, k)
+    if cand_align.positions is None:
+        candidates = cand32
+    else:
+        candidates = np.empty((n, features.N_CANDIDATE), dtype=DTYPE)
+        candidates[:] = cand_align.base
+        candidates[:, cand_align.positions] = cand32
+    return AlignedRequest(context, candidates)
 
-    cand_align = _alignment(Group.CANDIDATE, tuple(candidate_feature_names))
-    k = len(cand_align.names)
+
+def _check_candidate_shape(
+    align: _Alignment,
+    candidate_ids: Sequence[str],
+    candidate_values: Sequence[Sequence[float]],
+    max_candidates: int,
+) -> int:
+    """Count, ids and value counts of the candidates; returns how many there are."""
     n = len(candidate_values)
     if len(candidate_ids) != n:
         # The servicer builds both sequences from one repeated field: a mismatch is our bug.
@@ -251,9 +273,10 @@ def align_request(
         raise InvalidArgument(
             "candidates", f"at most {max_candidates} candidates per request, got {n}"
         )
-    # C-level checks for the common valid case; the loops below only run to name the culprit.
+    # C-level checks for the common valid case; the loops only run to name the culprit.
     if not all(candidate_ids) or len(set(candidate_ids)) != n:
         _raise_bad_id(candidate_ids)
+    k = len(align.names)
     lengths = list(map(len, candidate_values))
     if lengths.count(k) != n:
         i = next(i for i, length in enumerate(lengths) if length != k)
@@ -261,22 +284,26 @@ def align_request(
             f"candidates[{i}].values",
             f"expected {k} values (one per candidate_feature_names entry), got {lengths[i]}",
         )
-    flat = _floats(candidate_values, n * k)
-    bad = _first_bad(flat)
+    return n
+
+
+def _check_context_values(align: _Alignment, values: Float64Array) -> None:
+    bad = _first_bad(values)
     if bad is not None:
-        i, j = divmod(bad, k)
+        raise InvalidArgument(
+            f"context_values[{bad}]",
+            f"feature {align.names[bad]!r} must be a finite float32, got {values[bad]}",
+        )
+
+
+def _check_candidate_values(align: _Alignment, values: Float64Array) -> None:
+    bad = _first_bad(values)
+    if bad is not None:
+        i, j = divmod(bad, len(align.names))
         raise InvalidArgument(
             f"candidates[{i}].values[{j}]",
-            f"feature {cand_align.names[j]!r} must be a finite float32, got {flat[bad]}",
+            f"feature {align.names[j]!r} must be a finite float32, got {values[bad]}",
         )
-    cand32 = flat.astype(DTYPE).reshape(n, k)
-    if cand_align.positions is None:
-        candidates = cand32
-    else:
-        candidates = np.empty((n, features.N_CANDIDATE), dtype=DTYPE)
-        candidates[:] = cand_align.base
-        candidates[:, cand_align.positions] = cand32
-    return AlignedRequest(context, candidates)
 
 
 def _raise_bad_id(candidate_ids: Sequence[str]) -> NoReturn:

@@ -64,11 +64,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         context: grpc.aio.ServicerContext[pb.ScoreRequest, pb.ScoreResponse],
     ) -> pb.ScoreResponse:
         model = self._models.current  # one version for the whole request, even mid-promotion
-        ids: list[str] = []
-        rows = []
-        for candidate in request.candidates:  # one pass: each element access builds a wrapper
-            ids.append(candidate.id)
-            rows.append(candidate.values)
+        # A list first: iterating the repeated field builds a wrapper per element per pass.
+        candidates = request.candidates[:]
+        ids = [c.id for c in candidates]
+        rows = [c.values for c in candidates]
         with tracing.child_span("score.model", candidates=len(ids)):
             result = score(
                 model,

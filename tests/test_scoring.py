@@ -344,6 +344,35 @@ def test_invalid_requests_name_the_field(
     assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize(
+    ("faults", "field"),
+    [
+        ((_ctx_value(1, float("nan")), _no_candidates), "context_values[1]"),
+        ((_ctx_value(1, float("nan")), _cand_name(0, "nope")), "context_values[1]"),
+        ((_ctx_value(1, float("nan")), _cand_id(2, "tip-0")), "context_values[1]"),
+        ((_ctx_value(1, float("nan")), _append_value(1)), "context_values[1]"),
+        ((_ctx_value(1, float("nan")), _cand_value(0, 0, float("inf"))), "context_values[1]"),
+        ((_cand_value(0, 0, float("nan")), _cand_id(2, "tip-0")), "candidates[2].id"),
+        ((_cand_value(0, 0, float("nan")), _append_value(2)), "candidates[2].values"),
+        (
+            (_cand_value(2, 2, float("nan")), _cand_value(1, 5, float("inf"))),
+            "candidates[1].values[5]",
+        ),
+    ],
+)
+def test_the_first_fault_in_field_order_is_reported(
+    model: scoring.Model, faults: tuple[Mutation, ...], field: str
+) -> None:
+    # Context values are checked together with the candidates' values on the happy path; a
+    # request with several faults must still name the earliest field (see align_request).
+    req = make_request()
+    for fault in faults:
+        fault(req)
+    with pytest.raises(InvalidArgument) as info:
+        scoring.score(model, **req)
+    assert info.value.field == field
+
+
 def test_missing_required_lists_every_missing_name(model: scoring.Model) -> None:
     req = make_request()
     _drop_ctx("is_new_user")(req)
