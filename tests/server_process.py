@@ -28,9 +28,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """One server child process; `env` adds ML_SERVING_* settings to a clean environment."""
+    """One server child process; `env` adds ML_SERVING_* settings to a clean environment.
 
-    def __init__(self, **env: str) -> None:
+    `cwd` picks the checkout it serves from (`python -m` imports ml_serving from there first):
+    this one by default, another for before/after comparisons (scripts/score_ab.py).
+    """
+
+    def __init__(self, cwd: Path | str = REPO, **env: str) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         clean = {
@@ -51,7 +55,7 @@ class ServerProcess:
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "ml_serving"],
             env=clean,
-            cwd=REPO,
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
