@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -191,10 +192,22 @@ def _alignment(group: Group, names: tuple[str, ...]) -> _Alignment:
 
 def _floats(rows: Iterable[Sequence[float]], count: int) -> Float64Array:
     """The rows' values, concatenated, as one float64 array (``count`` values in all)."""
-    # Slicing a protobuf repeated field builds its list in C, and struct packs the lot in one
-    # C loop: about half the CPU of np.fromiter pulling the fields' items one by one.
     packed = struct.pack(f"{count}d", *itertools.chain.from_iterable([row[:] for row in rows]))
     return np.frombuffer(packed, dtype=np.float64)
+
+
+def _finite_float32(rows: Iterable[Sequence[float]], count: int) -> Float32Array | None:
+    """The rows' values, concatenated, as one float32 array; None if any of them is NaN,
+    infinite or too large for float32 (``_first_bad`` then names it)."""
+    # Slicing a protobuf repeated field builds its list in C, and struct packs the lot in one
+    # C loop (refusing finite values beyond float32): a third of the CPU of np.fromiter pulling
+    # the fields' items one by one, then a cast. NaN and infinities survive into a float64 sum.
+    try:
+        packed = struct.pack(f"{count}f", *itertools.chain.from_iterable([row[:] for row in rows]))
+    except OverflowError:
+        return None
+    values = np.frombuffer(packed, dtype=DTYPE)
+    return values if math.isfinite(values.sum(dtype=np.float64)) else None
 
 
 def _first_bad(values: Float64Array) -> int | None:
@@ -239,12 +252,13 @@ def align_request(
         # checks them together with the candidates' values, below.
         _check_context_values(ctx_align, _floats((context_values,), n_ctx))
         raise
-    # All values in one array: one conversion, one finiteness check, one cast.
-    values = _floats((context_values, *candidate_values), n_ctx + n * k)
-    if _first_bad(values) is not None:
+    # All values in one array: one conversion and one check on the happy path.
+    raw = _finite_float32((context_values, *candidate_values), n_ctx + n * k)
+    if raw is None:
+        values = _floats((context_values, *candidate_values), n_ctx + n * k)
         _check_context_values(ctx_align, values[:n_ctx])
         _check_candidate_values(cand_align, values[n_ctx:])
-    raw = values.astype(DTYPE)
+        raise AssertionError("unreachable: a value was found faulty")  # pragma: no cover
     context = _place_row(ctx_align, raw[:n_ctx])
     cand32 = raw[n_ctx:].reshape(n, k)
     if cand_align.positions is None:
