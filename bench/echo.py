@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 from typing import Any
 
 import grpc
 
+from bench.procs import free_port
 from ml_serving.config import Settings
 from ml_serving.server import grpc_options
 
@@ -89,10 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _supervise(workers: int, port: int, use_uvloop: bool) -> int:
     """Run `workers` echo servers on one port; stop them all on SIGTERM/SIGINT."""
-    if port == 0:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+    port = port or free_port()
     argv = [
         sys.executable,
         "-m",

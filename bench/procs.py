@@ -61,6 +61,18 @@ def _die_with_parent() -> None:
         pass
 
 
+def stat_fields(path: str) -> list[str]:
+    """The fields of a /proc/<pid>/stat (or .../task/<tid>/stat) file after the command name:
+    [0] state, [1] parent pid, [11] user and [12] system CPU ticks. Raises OSError once gone."""
+    with open(path) as f:
+        return f.read().rpartition(")")[2].split()
+
+
+def cpu_s(fields: list[str]) -> float:
+    """User + system CPU seconds from `stat_fields`."""
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
 def _proc_table() -> dict[int, tuple[int, float]]:
     """Every live process: pid -> (parent pid, user + system CPU seconds), one pass of /proc."""
     table: dict[int, tuple[int, float]] = {}
@@ -68,11 +80,10 @@ def _proc_table() -> dict[int, tuple[int, float]]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
+            fields = stat_fields(f"/proc/{entry}/stat")
         except OSError:
             continue  # exited meanwhile
-        table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK)
+        table[int(entry)] = (int(fields[1]), cpu_s(fields))
     return table
 
 

@@ -60,12 +60,20 @@ def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
     return out
 
 
+def _against_echo(row: dict[str, Any], echo: dict[str, Any] | None) -> list[str]:
+    """Cells shared by the Score tables: QPS and p99 ratios, errors, cores used ours / echo."""
+    v = row.get("vs_baseline") or {}
+    cores = (
+        _f(row.get("server_cores_used"), 2) + " / " + _f((echo or {}).get("server_cores_used"), 2)
+    )
+    return [_f(v.get("qps_ratio"), 2), _f(v.get("p99_ratio"), 2), _errors(row), cores]
+
+
 def score_table(results: dict[str, Any]) -> list[str]:
     body = []
     for row in rows_of(results, "score", "server"):
         c = row["concurrency"]
         echo = find(results, "score", "echo", c)
-        v = row.get("vs_baseline") or {}
         body.append(
             [
                 str(c),
@@ -77,12 +85,7 @@ def score_table(results: dict[str, Any]) -> list[str]:
                 _f(echo["qps"], 0) if echo else "–",
                 _lat(echo, "latency_ms", "p50", 2),
                 _lat(echo, "latency_ms", "p99", 2),
-                _f(v.get("qps_ratio"), 2),
-                _f(v.get("p99_ratio"), 2),
-                _errors(row),
-                _f(row.get("server_cores_used"), 2)
-                + " / "
-                + _f((echo or {}).get("server_cores_used"), 2),
+                *_against_echo(row, echo),
             ]
         )
     return _table(
@@ -236,7 +239,6 @@ def scaling_table(results: dict[str, Any]) -> list[str]:
             (r for r in rows_of(results, "scaling", "echo") if r.get("workers", 1) == workers),
             None,
         )
-        v = row.get("vs_baseline") or {}
         body.append(
             [
                 str(workers),
@@ -245,12 +247,7 @@ def scaling_table(results: dict[str, Any]) -> list[str]:
                 _lat(row, "latency_ms", "p99", 2),
                 _f(echo["qps"], 0) if echo else "–",
                 _lat(echo, "latency_ms", "p99", 2),
-                _f(v.get("qps_ratio"), 2),
-                _f(v.get("p99_ratio"), 2),
-                _errors(row),
-                _f(row.get("server_cores_used"), 2)
-                + " / "
-                + _f((echo or {}).get("server_cores_used"), 2),
+                *_against_echo(row, echo),
                 _f(_cores(row, "client"), 2),
                 _f(row.get("machine_cores_busy"), 2),
             ]

@@ -302,12 +302,11 @@ class LLMGateway:
             )
         self._groups = {name: tuple(deployments) for name, deployments in groups.items()}
         _register_unpriced_models(d.model for ds in self._groups.values() for d in ds)
-        self._models = {name: deployments[0].model for name, deployments in groups.items()}
 
     @property
     def route_model(self) -> str:
         """The configured model string of the route Generate uses (a metrics label)."""
-        return self._models[self.alias]
+        return self._groups[self.alias][0].model
 
     async def warm_up(self) -> None:
         """Exercise the call path once without network (mock response), so the first real

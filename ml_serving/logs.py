@@ -104,12 +104,11 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         threading.Thread(target=self._flush_forever, name="log-flush", daemon=True).start()
 
     def emit(self, record: logging.LogRecord) -> None:
+        # Called by Handler.handle with self.lock held, like every emit.
         try:
-            line = self.format(record) + self.terminator
-            with self.lock:  # type: ignore[union-attr]
-                self._pending.append(line)
-                if record.levelno >= logging.WARNING or len(self._pending) >= self._batch_lines:
-                    self._write_pending()
+            self._pending.append(self.format(record) + self.terminator)
+            if record.levelno >= logging.WARNING or len(self._pending) >= self._batch_lines:
+                self._write_pending()
         except RecursionError:
             raise
         except Exception:

@@ -28,11 +28,11 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from bench import procs
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from tests.server_process import REPO, ServerProcess
 
 METHOD = "/mlserving.v1.InferenceService/Score"
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_s(pid: int) -> tuple[float, float]:
@@ -40,11 +40,9 @@ def _cpu_s(pid: int) -> tuple[float, float]:
     main = total = 0.0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            seconds = procs.cpu_s(procs.stat_fields(f"/proc/{pid}/task/{tid}/stat"))
         except OSError:
             continue  # a thread that just ended
-        fields = stat.rsplit(")", 1)[1].split()
-        seconds = (int(fields[11]) + int(fields[12])) / _TICK
         total += seconds
         if tid == str(pid):
             main = seconds
