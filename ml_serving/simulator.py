@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -13,6 +15,29 @@ from ml_serving import features
 from ml_serving.features import DTYPE, Float32Array, Float64Array
 
 logger = logging.getLogger(__name__)
+
+
+def _libm(fn: Callable[[float], float]) -> Callable[[npt.ArrayLike], Float64Array]:
+    """``fn`` element by element through the C library, as a float64 array.
+
+    numpy dispatches exp, log and log1p to SIMD kernels chosen by the CPU, whose results differ
+    from one CPU to another in the last bit (AVX-512 against AVX2, measured); a random draw that
+    compares against such a value (a binomial's rejection step, a label's threshold) then turns
+    out differently, and the same seed no longer gives the same rows everywhere. The C library's
+    functions give the same bits on every x86-64 machine (and the AVX2 kernels agree with them).
+    """
+    ufunc = np.frompyfunc(fn, 1, 1)
+
+    def apply(x: npt.ArrayLike) -> Float64Array:
+        result: Float64Array = np.asarray(ufunc(np.asarray(x, dtype=np.float64)), dtype=np.float64)
+        return result
+
+    return apply
+
+
+_exp = _libm(math.exp)
+_log = _libm(math.log)
+_log1p = _libm(math.log1p)
 
 NEW_USER_TENURE_DAYS: Final = 14
 """Users with a tenure below this are in the ``is_new_user`` segment."""
@@ -120,15 +145,16 @@ def simulate(seed: int, config: SimulatorConfig | None = None) -> Interactions:
     tenure = np.where(
         is_new,
         rng.integers(0, NEW_USER_TENURE_DAYS, nu),
-        NEW_USER_TENURE_DAYS + np.floor(np.minimum(rng.lognormal(np.log(150.0), 1.0, nu), 3000.0)),
+        NEW_USER_TENURE_DAYS
+        + np.floor(np.minimum(rng.lognormal(math.log(150.0), 1.0, nu), 3000.0)),
     )
-    activity = rng.lognormal(np.log(0.8), 0.6, nu)  # sessions per day
+    activity = rng.lognormal(math.log(0.8), 0.6, nu)  # sessions per day
     z_user = rng.normal(0.0, 0.5, nu)
     pref = rng.dirichlet(np.full(n_cat, 0.7), nu)
     history_days = np.minimum(tenure, 30.0)
     # Like rate over the last 30 days: binomial evidence of the propensity.
     seen_30d = rng.poisson(history_days * activity * 2.0)
-    likes_30d = rng.binomial(seen_30d, 1.0 / (1.0 + np.exp(2.2 - 1.5 * z_user)))
+    likes_30d = rng.binomial(seen_30d, 1.0 / (1.0 + _exp(2.2 - 1.5 * z_user)))
     like_rate = np.where(
         seen_30d > 0,
         (likes_30d + features.LIKE_RATE_SMOOTHING * features.LIKE_RATE_PRIOR)
@@ -148,13 +174,13 @@ def simulate(seed: int, config: SimulatorConfig | None = None) -> Interactions:
     # --- tips --------------------------------------------------------------------------------
     nt = cfg.n_tips
     category = rng.integers(0, n_cat, nt)
-    length = np.clip(rng.lognormal(np.log(180.0), 0.45, nt), 40.0, 700.0).round()
+    length = np.clip(rng.lognormal(math.log(180.0), 0.45, nt), 40.0, 700.0).round()
     age = np.floor(rng.exponential(90.0, nt))
     readability = np.clip(rng.normal(60.0, 15.0, nt), 5.0, 100.0).round(1)
     has_action = (rng.random(nt) < 0.6).astype(np.float64)
     q_tip = rng.normal(0.0, 0.6, nt)
     past_impr = rng.poisson(np.minimum(age, 180.0) * 8.0)
-    past_clicks = rng.binomial(past_impr, 1.0 / (1.0 + np.exp(2.2 - q_tip)))
+    past_clicks = rng.binomial(past_impr, 1.0 / (1.0 + _exp(2.2 - q_tip)))
     with np.errstate(invalid="ignore", divide="ignore"):
         prior_ctr = np.where(
             past_impr > 0,
@@ -175,7 +201,9 @@ def simulate(seed: int, config: SimulatorConfig | None = None) -> Interactions:
     streak = np.minimum(rng.geometric(0.12, nr) - 1, tenure[req_user]).astype(np.float64)
     streak[rng.random(nr) < 0.4] = 0.0
     k = cfg.candidates_per_request
-    shown = np.argpartition(rng.random((nr, nt)), k, axis=1)[:, :k]
+    # argpartition finds the same k tips everywhere but lists them in an order that depends on
+    # the CPU's sort kernel (AVX-512 against AVX2, measured): sorted, every machine agrees.
+    shown = np.sort(np.argpartition(rng.random((nr, nt)), k, axis=1)[:, :k], axis=1)
 
     row_req = np.repeat(np.arange(nr), k)
     u = req_user[row_req]
@@ -207,7 +235,7 @@ def simulate(seed: int, config: SimulatorConfig | None = None) -> Interactions:
 
     true_prob = 1.0 / (
         1.0
-        + np.exp(
+        + _exp(
             -true_logit(
                 q_tip=q_tip[t],
                 z_user=z_user[u],
@@ -254,7 +282,7 @@ def true_logit(
     is_new_user: Float64Array,
 ) -> Float64Array:
     """The ground-truth log-odds of a positive reaction (the formula in ``simulate``)."""
-    length_term = np.log(tip_length_chars / 180.0)
+    length_term = _log(tip_length_chars / 180.0)
     read_term = (readability - 60.0) / 15.0
     health = (category == features.CATEGORIES.index("health")).astype(np.float64)
     productivity = (category == features.CATEGORIES.index("productivity")).astype(np.float64)
@@ -263,10 +291,10 @@ def true_logit(
         + 1.0 * q_tip
         + 0.9 * z_user
         + 3.0 * (pref_of_category - 0.2)
-        + 0.25 * np.log1p(sessions_7d)
-        - 0.15 * np.log1p(tips_seen_7d)
-        + 0.15 * np.log1p(streak_days)
-        - 0.10 * np.log1p(tip_age_days)
+        + 0.25 * _log1p(sessions_7d)
+        - 0.15 * _log1p(tips_seen_7d)
+        + 0.15 * _log1p(streak_days)
+        - 0.10 * _log1p(tip_age_days)
         - 0.35 * length_term**2
         + 0.12 * read_term
         + 0.15 * has_action_step
