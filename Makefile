@@ -63,7 +63,7 @@ lint: install check-gen ## buf lint/format/breaking, ruff, mypy --strict, hadoli
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(PY) -m ml_serving.prompts check
+	$(PY) -m ml_serving.generation.prompts check
 	$(BIN)/hadolint Dockerfile
 	deploy/validate/validate.sh
 
@@ -84,7 +84,7 @@ run: install ## serve every RPC on the embedded defaults (shipped model, offline
 	$(PY) -m ml_serving
 
 train: $(PY_STAMP) ## rebuild the shipped model from the simulator (fixed seed)
-	$(PY) -m ml_serving.train --root models
+	$(PY) -m ml_serving.training --root models
 
 bench: $(PY_STAMP) ## full benchmark (< 10 min): bench/results.json, RESULTS.md, latency.png
 	$(PY) -m bench

@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 
 from bench.procs import free_port
+from ml_serving.api.server import grpc_options
 from ml_serving.config import Settings
-from ml_serving.server import grpc_options
 
 
 async def _echo(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:

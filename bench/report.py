@@ -419,7 +419,7 @@ def render_markdown(results: dict[str, Any], verdicts: list[Verdict] | None) -> 
         "Latencies are over successful calls; a gRPC error, a fallback answer or a stream "
         "without its end message is an error, never a success.",
         "- **Score baseline**: a bare grpc.aio echo server (same options from "
-        f"`ml_serving.server.grpc_options`, uvloop={setup.get('echo', {}).get('uvloop')}) that "
+        f"`ml_serving.api.server.grpc_options`, uvloop={setup.get('echo', {}).get('uvloop')}) that "
         "returns the request bytes; same client, same concurrency, same Score payload.",
     ]
     if up:

@@ -304,7 +304,7 @@ class Bench:
             )
         self.notes["echo"] = {
             "uvloop": uvloop,
-            "options": "ml_serving.server.grpc_options",
+            "options": "ml_serving.api.server.grpc_options",
             "processes": self.workers,
         }
         if self.upstream is not None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fake_openai import FakeOpenAI
+from tests.support.fake_openai import FakeOpenAI
 
 
 @dataclass

@@ -9,9 +9,10 @@ import sys
 
 from pydantic import ValidationError
 
-from ml_serving import logs, security, server, tracing, workers
+from ml_serving.api import security, server, workers
 from ml_serving.config import Settings
 from ml_serving.errors import ServingError
+from ml_serving.observability import logs, tracing
 
 logger = logging.getLogger("ml_serving")
 

@@ -7,12 +7,12 @@ runs in another process, so its CPU is never counted. Workers:
 
     raw          httpx.AsyncClient: one POST, the JSON parsed (streams: every SSE line parsed)
     acompletion  bare litellm.acompletion with the same global LiteLLM settings as the gateway
-    gateway      ml_serving.llm.LLMGateway (litellm.acompletion inside its own retry/fallback
-                 loop, default router_settings), called with a deadline-derived timeout_s as
-                 Generate passes it (a new value on every call)
+    gateway      generation.llm.gateway.LLMGateway (litellm.acompletion inside its own
+                 retry/fallback loop, default router_settings), called with a
+                 deadline-derived timeout_s as Generate passes it (a new value on every call)
     <name>       one per --baseline-llm FILE (named after the file): the same gateway worker
                  from another copy of llm.py, for before/after, e.g. the committed one:
-                 `git show HEAD:ml_serving/llm.py > /tmp/llm_head.py`
+                 `git show HEAD:ml_serving/generation/llm/gateway.py > /tmp/llm_head.py`
 
 Each worker makes --warmup calls of each kind first. Then, per round, each worker in turn
 (the order rotates every round) makes --calls unary calls and --streams streamed calls while
@@ -70,7 +70,7 @@ KINDS = ("raw", "acompletion", "gateway", "baseline")
 
 
 async def _serve_upstream(tokens: int) -> None:
-    from tests.fake_openai import FakeOpenAI
+    from tests.support.fake_openai import FakeOpenAI
 
     fake = await FakeOpenAI(tokens=tokens).start()
     print(fake.port, flush=True)
@@ -87,7 +87,7 @@ Call = Callable[[], Awaitable[int]]
 
 def _load_llm(path: Path | None) -> ModuleType:
     if path is None:
-        from ml_serving import llm
+        from ml_serving.generation.llm import gateway as llm
 
         return llm
     spec = importlib.util.spec_from_file_location("ml_serving_llm_baseline", path)

@@ -30,7 +30,8 @@ from google.protobuf import json_format
 
 from bench import procs
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
-from tests.server_process import REPO, ServerProcess
+from tests.support import REPO
+from tests.support.server_process import ServerProcess
 
 METHOD = "/mlserving.v1.InferenceService/Score"
 

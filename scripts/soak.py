@@ -33,9 +33,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
-from tests.fake_openai import FakeOpenAI
-from tests.requests import generate_request, generate_stream_request, score_request
-from tests.server_process import SERVICE_NAME, ServerProcess
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.requests import generate_request, generate_stream_request, score_request
+from tests.support.server_process import SERVICE_NAME, ServerProcess
 
 MiB = 1024 * 1024
 FAKE_KEY = "sk-soak-not-a-real-key-000000"

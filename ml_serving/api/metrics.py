@@ -1,0 +1,174 @@
+"""Prometheus metrics: gRPC server series, admission, Generate per prompt version, LLM, model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ml_serving.api.rpc import Gate
+from ml_serving.scoring.registry import ModelHolder
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "mlserving.v1.InferenceService"
+_STREAMING = frozenset({"GenerateStream"})
+# Score answers in well under a millisecond; Generate takes seconds: one set of buckets covers both.
+_RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LLM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def _grpc_type(method: str) -> str:
+    return "server_stream" if method in _STREAMING else "unary"
+
+
+class _LiveState(Collector):
+    """Values read at scrape time: in-flight RPCs, shed count, and the model being served."""
+
+    def __init__(self, gate: Gate, models: ModelHolder | None) -> None:
+        self._gate = gate
+        self._models = models
+
+    def collect(self) -> Iterator[Any]:
+        inflight = GaugeMetricFamily(
+            "mlserving_inflight_rpcs", "InferenceService RPCs being handled now."
+        )
+        inflight.add_metric([], self._gate.in_flight)
+        yield inflight
+        shed = CounterMetricFamily(
+            "mlserving_shed", "RPCs refused with RESOURCE_EXHAUSTED by the concurrency limit."
+        )
+        shed.add_metric([], self._gate.shed)
+        yield shed
+        if self._models is not None:
+            model = self._models.current
+            info = GaugeMetricFamily(
+                "mlserving_model_info",
+                "The model version Score serves (value is always 1).",
+                labels=["name", "version"],
+            )
+            info.add_metric([model.name, model.version], 1)
+            yield info
+
+
+class Metrics:
+    """Owns one registry; observes RPCs (rpc.Gate observers) and LLM calls (Generator)."""
+
+    def __init__(self, gate: Gate, models: ModelHolder | None = None) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter(
+            "grpc_server_started",
+            "RPCs started on the server.",
+            labels,
+            registry=self.registry,
+        )
+        self.handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, by status code.",
+            [*labels, "grpc_code"],
+            registry=self.registry,
+        )
+        self.handling = Histogram(
+            "grpc_server_handling_seconds",
+            "Time to handle an RPC, to its last message.",
+            labels,
+            buckets=_RPC_BUCKETS,
+            registry=self.registry,
+        )
+        self.generate = Counter(
+            "mlserving_generate",
+            "Successful Generate and GenerateStream calls by prompt version and fallback.",
+            ["grpc_method", "prompt_version", "fallback"],
+            registry=self.registry,
+        )
+        self.llm_latency = Histogram(
+            "mlserving_llm_latency_seconds",
+            "Duration of one upstream LLM call (all retries and fallbacks included).",
+            ["model"],
+            buckets=_LLM_BUCKETS,
+            registry=self.registry,
+        )
+        self.llm_tokens = Counter(
+            "mlserving_llm_tokens",
+            "Tokens reported by the LLM, by kind (prompt or completion).",
+            ["model", "kind"],
+            registry=self.registry,
+        )
+        self.llm_errors = Counter(
+            "mlserving_llm_errors",
+            "Failed LLM calls by reason (the gRPC status they map to).",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.registry.register(_LiveState(gate, models))
+        # labels() costs microseconds per call; Score runs thousands of times a second, so the
+        # per-method children are looked up once and kept.
+        self._started: dict[str, Any] = {}
+        self._handling: dict[str, Any] = {}
+        self._handled: dict[tuple[str, str], Any] = {}
+        gate.observers.append(self)
+
+    def rpc_started(self, method: str) -> None:
+        """Count an RPC that passed the door (admitted or not)."""
+        child = self._started.get(method)
+        if child is None:
+            child = self._started[method] = self.started.labels(_grpc_type(method), SERVICE, method)
+        child.inc()
+
+    def rpc_finished(
+        self, method: str, code: str, seconds: float, notes: Mapping[str, Any]
+    ) -> None:
+        """Count an RPC's outcome and its latency."""
+        handled = self._handled.get((method, code))
+        if handled is None:
+            handled = self._handled[method, code] = self.handled.labels(
+                _grpc_type(method), SERVICE, method, code
+            )
+        handled.inc()
+        histogram = self._handling.get(method)
+        if histogram is None:
+            histogram = self._handling[method] = self.handling.labels(
+                _grpc_type(method), SERVICE, method
+            )
+        histogram.observe(seconds)
+        if code == "OK" and "prompt_version" in notes:
+            self.generate.labels(
+                method, notes["prompt_version"], str(bool(notes.get("fallback"))).lower()
+            ).inc()
+
+    def llm_call(
+        self,
+        model: str,
+        seconds: float,
+        *,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        error: str | None = None,
+    ) -> None:
+        """Record one upstream LLM call: its latency, tokens, or the reason it failed."""
+        self.llm_latency.labels(model).observe(seconds)
+        if error is not None:
+            self.llm_errors.labels(model, error).inc()
+            return
+        self.llm_tokens.labels(model, "prompt").inc(prompt_tokens)
+        self.llm_tokens.labels(model, "completion").inc(completion_tokens)
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics on host:port in a background thread; returns the bound port."""
+        http_server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        bound = int(http_server.server_port)
+        logger.info("metrics listening", extra={"metrics_port": bound})
+        self._http_server = http_server
+        return bound
+
+    def close(self) -> None:
+        """Stop the /metrics endpoint, if serving."""
+        http_server = getattr(self, "_http_server", None)
+        if http_server is not None:
+            http_server.shutdown()
+            http_server.server_close()

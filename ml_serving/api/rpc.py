@@ -1,0 +1,333 @@
+"""The one layer every RPC passes through: request id, admission, error mapping, access log."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from pydantic import SecretStr
+
+from ml_serving import errors
+from ml_serving.api import security
+from ml_serving.observability import tracing
+from ml_serving.observability.logs import FieldsLogger, request_id_var
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("ml_serving.access")
+_access_log = FieldsLogger(access_logger)
+
+SERVICE = "mlserving.v1.InferenceService"
+REQUEST_ID_KEY = "x-request-id"
+_MAX_REQUEST_ID_LEN = 128
+# Status messages ride in the grpc-message header (percent-encoded, so up to 9 bytes per
+# character) and clients refuse metadata over 16 KiB: a longer message would turn the status
+# into a client-side RESOURCE_EXHAUSTED. Domain messages stay far below this; it is a backstop.
+_MAX_DETAILS_CHARS = 512
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+S = TypeVar("S", bound="HasGate")
+P = ParamSpec("P")
+
+_annotations: ContextVar[dict[str, Any] | None] = ContextVar("rpc_annotations", default=None)
+
+
+def annotate(**fields: Any) -> None:
+    """Add fields (prompt_version, model, ...) to the current RPC's access-log line."""
+    current = _annotations.get()
+    if current is not None:
+        current.update(fields)
+
+
+class RpcObserver(Protocol):
+    """Told about every InferenceService RPC (metrics)."""
+
+    def rpc_started(self, method: str) -> None: ...
+
+    def rpc_finished(
+        self, method: str, code: str, seconds: float, notes: Mapping[str, Any]
+    ) -> None: ...
+
+
+@dataclass
+class Gate:
+    """Admission control shared by every InferenceService RPC: a concurrency cap and draining."""
+
+    limit: int
+    in_flight: int = 0
+    draining: bool = False
+    shed: int = 0
+    observers: list[RpcObserver] = field(default_factory=list)
+    auth_token: SecretStr | None = None
+    """Bearer token every call must carry (security.check_bearer); None turns auth off."""
+
+    def admit(self) -> None:
+        """Take a slot or raise: UNAVAILABLE while draining, RESOURCE_EXHAUSTED when full."""
+        if self.draining:
+            raise errors.Draining("server is draining; retry on another replica")
+        if self.in_flight >= self.limit:
+            self.shed += 1
+            raise errors.Overloaded(
+                f"server is at its concurrency limit ({self.limit}); retry with backoff"
+            )
+        self.in_flight += 1
+
+
+class _RequestIds:
+    """Ids for calls that bring none: 32 hex digits, a random per-process prefix and a counter.
+
+    Unique across processes and restarts like a uuid4, at a tenth of its cost (no syscall).
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+_request_ids = _RequestIds()
+
+
+def _request_id(metadata: Sequence[tuple[str, Any]]) -> str:
+    for key, value in metadata:
+        if key == REQUEST_ID_KEY and isinstance(value, str) and value:
+            # Caller-chosen ids end up in logs: keep them short and printable.
+            clean = "".join(ch for ch in value[:_MAX_REQUEST_ID_LEN] if ch.isprintable())
+            if clean:
+                return clean
+    return _request_ids.next()
+
+
+class MalformedRequest:
+    """Stands in for request bytes that did not parse (see `lenient`); the RPC layer answers it
+    with INVALID_ARGUMENT after authentication and admission, like any other bad request."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def lenient(parse: Callable[[bytes], Req], type_name: str) -> Callable[[bytes], Req]:
+    """A request deserializer that never raises: undecodable bytes become a MalformedRequest.
+
+    gRPC's own handling of a deserializer error is UNKNOWN plus an ERROR traceback per call,
+    before any of this layer runs (no auth, request id, access log or metrics).
+    """
+
+    def parse_or_flag(raw: bytes) -> Req:
+        try:
+            return parse(raw)
+        except DecodeError as exc:
+            reason = str(exc).rpartition(": ")[2][:80]
+            return MalformedRequest(f"not a valid {type_name} message ({reason})")  # type: ignore[return-value]
+
+    return parse_or_flag
+
+
+async def _aclose(stream: object) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _clip(message: str) -> str:
+    if len(message) <= _MAX_DETAILS_CHARS:
+        return message
+    return message[: _MAX_DETAILS_CHARS - 3] + "..."
+
+
+def _status_details(exc: errors.ServingError) -> tuple[tuple[str, bytes], ...]:
+    """google.rpc.BadRequest details for invalid arguments, so clients can read the field."""
+    if not isinstance(exc, errors.InvalidArgument):
+        return ()
+    bad_request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field=exc.field, description=_clip(exc.description)
+            )
+        ]
+    )
+    detail = any_pb2.Any()
+    detail.Pack(bad_request)
+    status = status_pb2.Status(
+        code=code_pb2.INVALID_ARGUMENT, message=_clip(str(exc)), details=[detail]
+    )
+    return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+class _Call:
+    """One RPC's bookkeeping: request id in and out, its admission slot, the access-log line."""
+
+    def __init__(self, gate: Gate, method: str, context: grpc.aio.ServicerContext[Any, Any]):
+        self.gate = gate
+        self.method = method
+        self.context = context
+        # Read once: request id, tracing and the bearer check all look at it.
+        self.metadata: Sequence[tuple[str, Any]] = tuple(context.invocation_metadata() or ())
+        self.request_id = _request_id(self.metadata)
+        self.notes: dict[str, Any] = {}
+        self.admitted = False
+        self.started = time.perf_counter()
+        self._tokens = (request_id_var.set(self.request_id), _annotations.set(self.notes))
+        self._span = tracing.rpc_span(f"/{SERVICE}/{method}", self.metadata)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+        for observer in gate.observers:
+            observer.rpc_started(method)
+
+    def admit(self, request: object) -> None:
+        # Credentials first: an unauthenticated caller never takes (or is counted against) a slot.
+        security.check_bearer(self.metadata, self.gate.auth_token)
+        self.gate.admit()
+        self.admitted = True
+        if isinstance(request, MalformedRequest):
+            raise errors.InvalidArgument("request", request.reason)
+
+    def finish(self, code: str) -> None:
+        """Release the slot and write the access-log line (exactly once per RPC)."""
+        if self.admitted:
+            self.gate.in_flight -= 1
+            self.admitted = False
+        elapsed = time.perf_counter() - self.started
+        _access_log.log(
+            f"rpc {self.method} {code}",
+            {
+                "request_id": self.request_id,
+                "method": self.method,
+                "code": code,
+                "duration_ms": round(elapsed * 1e3, 3),
+                **self.notes,
+            },
+        )
+        for observer in self.gate.observers:
+            observer.rpc_finished(self.method, code, elapsed, self.notes)
+        if self._span is not None:
+            self._span.end(code, self.notes)
+        try:
+            _annotations.reset(self._tokens[1])
+            request_id_var.reset(self._tokens[0])
+        except ValueError:
+            # A stream finalised after a cancel runs here in another Context, where these
+            # tokens cannot be reset (nor need to be: the call's own Context is gone).
+            pass
+
+    async def fail(self, exc: BaseException) -> None:
+        """End the RPC with the status for exc; anything not a ServingError is a fixed INTERNAL
+        whose traceback goes to the log only."""
+        trailing: tuple[tuple[str, str | bytes], ...] = ((REQUEST_ID_KEY, self.request_id),)
+        if isinstance(exc, errors.ServingError):
+            code, details = exc.code, _clip(str(exc))
+            trailing += _status_details(exc)
+        else:
+            logger.error("unhandled error in %s", self.method, exc_info=exc)
+            code, details = grpc.StatusCode.INTERNAL, errors.INTERNAL_MESSAGE
+        self.finish(code.name)
+        await self.context.abort(code, details, trailing_metadata=trailing)
+
+
+class HasGate(Protocol):
+    """A servicer whose RPCs share one admission Gate."""
+
+    gate: Gate
+
+
+def unary(
+    method: str,
+) -> Callable[
+    [Callable[Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], Awaitable[Resp]]],
+    Callable[Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], Awaitable[Resp]],
+]:
+    """Wrap a unary handler: admission, request id, error mapping and one access-log line."""
+
+    def decorate(
+        handler: Callable[
+            Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], Awaitable[Resp]
+        ],
+    ) -> Callable[Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], Awaitable[Resp]]:
+        @functools.wraps(handler)
+        async def wrapper(
+            self: S,
+            request: Req,
+            context: grpc.aio.ServicerContext[Req, Resp],
+            *args: P.args,
+            **kwargs: P.kwargs,
+        ) -> Resp:
+            call = _Call(self.gate, method, context)
+            try:
+                call.admit(request)
+                response = await handler(self, request, context, *args, **kwargs)
+            except asyncio.CancelledError:
+                call.finish("CANCELLED")
+                raise
+            except Exception as exc:
+                await call.fail(exc)
+                raise AssertionError("unreachable: abort raises") from exc  # pragma: no cover
+            call.finish("OK")
+            return response
+
+        return wrapper  # type: ignore[return-value]  # functools.wraps loses the exact type
+
+    return decorate
+
+
+def server_streaming(
+    method: str,
+) -> Callable[
+    [Callable[Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], AsyncIterator[Resp]]],
+    Callable[Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], AsyncIterator[Resp]],
+]:
+    """Wrap a server-streaming handler the same way as `unary`."""
+
+    def decorate(
+        handler: Callable[
+            Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], AsyncIterator[Resp]
+        ],
+    ) -> Callable[Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], AsyncIterator[Resp]]:
+        @functools.wraps(handler)
+        async def wrapper(
+            self: S,
+            request: Req,
+            context: grpc.aio.ServicerContext[Req, Resp],
+            *args: P.args,
+            **kwargs: P.kwargs,
+        ) -> AsyncIterator[Resp]:
+            call = _Call(self.gate, method, context)
+            stream = handler(self, request, context, *args, **kwargs)
+            try:
+                call.admit(request)
+                async for message in stream:
+                    yield message
+            except (asyncio.CancelledError, GeneratorExit):
+                # GeneratorExit: gRPC dropped this generator (the client cancelled while a
+                # message was being sent) and the event loop is finalising it.
+                call.finish("CANCELLED")
+                raise
+            except Exception as exc:
+                await call.fail(exc)
+                return
+            finally:
+                # Close the handler's stream (and its upstream call) now, not at GC.
+                await _aclose(stream)
+            call.finish("OK")
+
+        return wrapper  # type: ignore[return-value]  # functools.wraps loses the generator type
+
+    return decorate

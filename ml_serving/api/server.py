@@ -1,0 +1,209 @@
+"""Builds the grpc.aio server: servicers, health, reflection, limits, warm-up, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
+from ml_serving.api import rpc
+from ml_serving.api.metrics import Metrics
+from ml_serving.api.servicer import InferenceServicer
+from ml_serving.config import Settings
+from ml_serving.generation.prompts.registry import PromptRegistry
+from ml_serving.generation.service import Generator
+from ml_serving.scoring.registry import ModelHolder, ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+"""'mlserving.v1.InferenceService': the health name readiness probes ask for."""
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments: message sizes, keepalive and connection age (for L7-less balancing)."""
+    ms = 1000
+    return [
+        ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ("grpc.max_send_message_length", settings.max_send_message_bytes),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * ms)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * ms)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5 * ms),
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * ms)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * ms)),
+        # One process owns the port unless worker processes are asked for explicitly: with
+        # reuse on, a second server started by mistake would silently take half the traffic.
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+    ]
+
+
+@dataclass
+class App:
+    """A running server and the pieces tests and __main__ need to reach."""
+
+    settings: Settings
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    gate: rpc.Gate
+    models: ModelHolder
+    prompts: PromptRegistry
+    generator: Generator
+    metrics: Metrics
+    metrics_port: int | None = None
+    """The bound /metrics port, or None when ML_SERVING_METRICS_PORT=0."""
+    failure: str | None = None
+    """Why start-up failed after listening began (e.g. a bad LLM config); None when fine."""
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait_ready(self) -> None:
+        """Wait for start-up work (LLM gateway import and warm-up) to finish."""
+        await asyncio.shield(self._tasks[0])
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: NOT_SERVING at once, refuse new RPCs, give in-flight ones the grace period."""
+        if self._stopped.is_set():
+            return
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        logger.info("draining", extra={"grace_s": grace, "in_flight": self.gate.in_flight})
+        self.gate.draining = True
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await self.server.stop(grace)
+        self.metrics.close()
+        self._stopped.set()
+        logger.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        """Return once stop() has finished."""
+        await self._stopped.wait()
+
+
+async def start(settings: Settings) -> App:
+    """Load the model and prompts (fail fast on bad ones), start listening, then warm the LLM
+    gateway in the background; readiness turns SERVING once it is warm."""
+    prompts = PromptRegistry(default_version=settings.default_prompt_version)
+    models = ModelHolder(ModelRegistry(settings.model_root), settings.model_name)
+    gate = rpc.Gate(limit=settings.max_concurrent_rpcs, auth_token=settings.auth_token)
+    generator = Generator(
+        prompts,
+        default_max_tokens=settings.llm_default_max_tokens,
+        max_tokens_limit=settings.llm_max_tokens_limit,
+        timeout_margin_s=settings.llm_timeout_margin_s,
+        fallback=settings.llm_fallback,
+    )
+    metrics = Metrics(gate, models)
+    generator.observer = metrics
+    server = grpc.aio.server(options=grpc_options(settings))
+    _add_inference_service(InferenceServicer(settings, gate, models, prompts, generator), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = _add_port(server, settings)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    app = App(settings, server, port, health_servicer, gate, models, prompts, generator, metrics)
+    if settings.metrics_port:
+        app.metrics_port = metrics.serve(settings.host, settings.metrics_port)
+    app._tasks.append(asyncio.create_task(_warm_up(app), name="llm-warm-up"))
+    app._tasks.append(asyncio.create_task(models.watch(settings.model_poll_s), name="model-watch"))
+    logger.info(
+        "listening",
+        extra={
+            "port": port,
+            "model": f"{models.current.name}:{models.current.version}",
+            "default_prompt_version": prompts.default_version,
+        },
+    )
+    return app
+
+
+def _add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """What the generated add_InferenceServiceServicer_to_server does, with request parsing
+    that never raises (rpc.lenient): undecodable bytes reach the RPC layer as INVALID_ARGUMENT."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["InferenceService"].methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        make_handler = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make_handler(
+            getattr(servicer, method.name),
+            request_deserializer=rpc.lenient(request_type.FromString, method.input_type.full_name),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _add_port(server: grpc.aio.Server, settings: Settings) -> int:
+    """Bind the gRPC port: TLS when a certificate and key are set (mutual TLS with a client CA),
+    plaintext otherwise (behind a mesh, whose sidecar terminates mTLS)."""
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return server.add_insecure_port(address)
+    client_ca = settings.tls_client_ca_file
+    credentials = grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca else None,
+        require_client_auth=client_ca is not None,
+    )
+    try:
+        port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        # gRPC only says "failed to bind"; the usual cause here is a bad PEM or a key that does
+        # not match the certificate (the C core logs which).
+        raise ValueError(
+            f"cannot serve TLS on {address}: check that {settings.tls_cert_file} and "
+            f"{settings.tls_key_file} are a PEM certificate chain and its key, and that the "
+            "port is free"
+        ) from exc
+    logger.info("TLS on", extra={"mutual_tls": client_ca is not None})
+    return port
+
+
+async def _warm_up(app: App) -> None:
+    # Import in a thread: litellm's import is seconds of CPU that must not block serving Score.
+    llm = await asyncio.to_thread(_import_llm, app.settings.max_concurrent_rpcs)
+    settings = app.settings
+    try:
+        routes = (
+            llm.load_routes(settings.llm_config) if settings.llm_config else llm.offline_routes()
+        )
+        gateway = llm.LLMGateway(routes, settings.llm_model)
+        await gateway.warm_up()
+    except Exception as exc:
+        # A broken LLM config is a start-up failure: say why and stop rather than limp along.
+        app.failure = f"LLM gateway failed to start: {exc}"
+        logger.error("%s", app.failure)
+        asyncio.get_running_loop().create_task(app.stop(0))
+        return
+    app.generator.gateway = gateway
+    await app.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("ready", extra={"llm_route": gateway.alias, "llm_routes": list(routes.aliases)})
+
+
+def _import_llm(max_upstream_connections: int):  # type: ignore[no-untyped-def]
+    # LiteLLM sizes its HTTP connection pool from these at import (defaults 1,000 in all and 500
+    # per host): with one provider host, the 501st concurrent Generate would wait silently for
+    # a connection. Every admitted RPC may hold one; an operator's own values win.
+    for name in ("AIOHTTP_CONNECTOR_LIMIT", "AIOHTTP_CONNECTOR_LIMIT_PER_HOST"):
+        os.environ.setdefault(name, str(max_upstream_connections))
+    from ml_serving.generation.llm import gateway as llm
+
+    return llm

@@ -1,0 +1,1 @@
+"""Versioned prompt templates, their content-hash lock file and its check command."""

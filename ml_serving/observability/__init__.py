@@ -1,0 +1,1 @@
+"""Cross-cutting: JSON logs with a request id, OpenTelemetry tracing."""

@@ -1,0 +1,1 @@
+"""Offline tools: the interaction simulator and the training pipeline (never served)."""

@@ -1,0 +1,287 @@
+"""LLMGateway's own retry and fallback loop, through LiteLLM's real HTTP path to a fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from ml_serving import errors
+from tests.support.fake_openai import WORDS, FakeOpenAI
+from tests.support.servers import FAKE_KEY, write_llm_config
+
+if TYPE_CHECKING:
+    from ml_serving.generation.llm.gateway import Completion, LLMGateway
+
+MESSAGES = [{"role": "user", "content": "one tip"}]
+
+# As pyproject's filter, for the plural form: LiteLLM builds these schemas on its first call.
+# litellm (generation.llm.gateway) is imported in the tests, not at collection, as the server
+# does.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Items .* are using the `ReadOnly` qualifier:UserWarning"
+)
+
+
+def llm_module() -> Any:
+    from ml_serving.generation.llm import gateway as llm
+
+    return llm
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOpenAI]:
+    up = await FakeOpenAI(tokens=6).start()
+    up.delay_s = 2.0
+    yield up
+    await up.stop()
+
+
+@pytest.fixture
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Retries without LiteLLM's 0.5 s+ backoff; records what each sleep was computed from."""
+    asked: list[dict[str, Any]] = []
+
+    def backoff(**kwargs: Any) -> float:
+        asked.append(kwargs)
+        return 0.01
+
+    monkeypatch.setattr(llm_module().litellm, "calculate_retry_after", backoff)
+    return asked
+
+
+def gateway(
+    tmp_path: Path, fake: FakeOpenAI, models: list[str], alias: str, **settings: Any
+) -> LLMGateway:
+    llm = llm_module()
+    config = llm.load_routes(write_llm_config(tmp_path / "llm.yaml", fake, models, **settings))
+    gw: LLMGateway = llm.LLMGateway(config, alias)
+    return gw
+
+
+async def complete(gw: LLMGateway, timeout_s: float | None = 10.0) -> Completion:
+    return await gw.complete(
+        MESSAGES, max_tokens=16, temperature=None, timeout_s=timeout_s, offline_text=""
+    )
+
+
+async def stream_text(gw: LLMGateway, timeout_s: float | None = 10.0) -> tuple[str, Completion]:
+    parts: list[str] = []
+    async for event in gw.stream(
+        MESSAGES, max_tokens=16, temperature=None, timeout_s=timeout_s, offline_text=""
+    ):
+        if isinstance(event, str):
+            parts.append(event)
+        else:
+            return "".join(parts), event
+    raise AssertionError("the stream ended without its Completion")
+
+
+async def test_retries_a_5xx_then_gives_up_unavailable(
+    tmp_path: Path, fake: FakeOpenAI, no_backoff: list[dict[str, Any]]
+) -> None:
+    gw = gateway(tmp_path, fake, ["status-500"], "status-500", num_retries=2)
+    with pytest.raises(errors.UpstreamUnavailable):
+        await complete(gw)
+    assert fake.requests == 3
+    assert [a["remaining_retries"] for a in no_backoff] == [2, 1]
+    assert fake.seen_auth == [f"Bearer {FAKE_KEY}"] * 3  # os.environ/NAME resolved
+
+
+async def test_retries_a_429_and_maps_it_to_rate_limited(
+    tmp_path: Path, fake: FakeOpenAI, no_backoff: list[dict[str, Any]]
+) -> None:
+    gw = gateway(tmp_path, fake, ["status-429"], "status-429", num_retries=1)
+    with pytest.raises(errors.UpstreamRateLimited):
+        await complete(gw)
+    assert fake.requests == 2
+
+
+@pytest.mark.parametrize(
+    ("alias", "error"),
+    [
+        ("status-400", errors.ProviderRejected),
+        ("status-404", errors.NotReady),
+        ("status-401", errors.NotReady),
+    ],
+)
+async def test_no_retry_on_client_errors(
+    tmp_path: Path,
+    fake: FakeOpenAI,
+    no_backoff: list[dict[str, Any]],
+    alias: str,
+    error: type[Exception],
+) -> None:
+    gw = gateway(tmp_path, fake, [alias], alias, num_retries=3)
+    with pytest.raises(error):
+        await complete(gw)
+    assert fake.requests == 1
+    assert not no_backoff
+
+
+async def test_falls_back_to_the_next_alias_after_its_retries(
+    tmp_path: Path, fake: FakeOpenAI, no_backoff: list[dict[str, Any]]
+) -> None:
+    gw = gateway(
+        tmp_path, fake, ["status-500", "ok"], "status-500",
+        num_retries=1, fallbacks=[{"status-500": ["ok"]}],
+    )  # fmt: skip
+    completion = await complete(gw)
+    assert completion.model == "openai/ok"
+    assert completion.text == " ".join(WORDS[:6])
+    assert fake.requests == 3  # two tries on status-500, one on ok
+    text, end = await stream_text(gw)
+    assert (text, end.model, end.completion_tokens) == (" ".join(WORDS[:6]), "openai/ok", 6)
+
+
+async def test_fallbacks_are_tried_in_order_and_the_first_error_is_raised(
+    tmp_path: Path, fake: FakeOpenAI, no_backoff: list[dict[str, Any]]
+) -> None:
+    gw = gateway(
+        tmp_path, fake, ["status-500", "status-429", "status-400"], "status-500",
+        fallbacks=[{"status-500": ["status-429", "status-400"]}, {"status-429": ["status-500"]}],
+    )  # fmt: skip
+    with pytest.raises(errors.UpstreamUnavailable):
+        await complete(gw)
+    assert fake.requests == 3  # each alias once (num_retries 0); fallbacks do not chain
+
+
+async def test_a_400_still_falls_back_as_the_router_did(
+    tmp_path: Path, fake: FakeOpenAI, no_backoff: list[dict[str, Any]]
+) -> None:
+    gw = gateway(
+        tmp_path, fake, ["status-400", "ok"], "status-400",
+        num_retries=2, fallbacks=[{"*": ["ok"]}],
+    )  # fmt: skip
+    assert (await complete(gw)).model == "openai/ok"
+    assert fake.requests == 2
+
+
+async def test_an_alias_with_several_deployments_retries_on_another_one(
+    tmp_path: Path, fake: FakeOpenAI, no_backoff: list[dict[str, Any]]
+) -> None:
+    llm = llm_module()
+    config = llm.load_routes(write_llm_config(tmp_path / "llm.yaml", fake, ["status-500", "ok"]))
+    entries = tuple({**e, "model_name": "pool"} for e in config.model_list)
+    gw = llm.LLMGateway(llm.RouteConfig(entries, {"num_retries": 1}), "pool")
+    for _ in range(6):
+        assert (await complete(gw)).model == "openai/ok"
+    assert not no_backoff  # the next deployment is tried at once
+
+
+async def test_a_stream_failing_before_its_first_chunk_fails_its_try(
+    tmp_path: Path, fake: FakeOpenAI, no_backoff: list[dict[str, Any]]
+) -> None:
+    gw = gateway(
+        tmp_path, fake, ["status-500", "ok"], "status-500", fallbacks=[{"status-500": ["ok"]}]
+    )
+    text, end = await stream_text(gw)
+    assert text == " ".join(WORDS[:6]) and end.model == "openai/ok"
+
+
+async def test_backoff_never_sleeps_past_the_deadline(
+    tmp_path: Path, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(llm_module().litellm, "calculate_retry_after", lambda **_: 5.0)
+    gw = gateway(
+        tmp_path, fake, ["status-500", "ok"], "status-500",
+        num_retries=3, fallbacks=[{"status-500": ["ok"]}],
+    )  # fmt: skip
+    started = time.perf_counter()
+    assert (await complete(gw, timeout_s=2.0)).model == "openai/ok"
+    assert time.perf_counter() - started < 1.0  # straight to the fallback, no 5 s sleep
+    assert fake.requests == 2
+    gw = gateway(tmp_path, fake, ["status-500"], "status-500", num_retries=3)
+    with pytest.raises(errors.UpstreamUnavailable):  # not DEADLINE_EXCEEDED: the upstream failed
+        await complete(gw, timeout_s=2.0)
+
+
+async def test_each_try_is_bounded_by_its_deployment_timeout(
+    tmp_path: Path, fake: FakeOpenAI, no_backoff: list[dict[str, Any]]
+) -> None:
+    path = write_llm_config(tmp_path / "llm.yaml", fake, ["slow", "ok"])
+    llm = llm_module()
+    config = llm.load_routes(path)
+    entries = tuple(
+        {**e, "litellm_params": {**e["litellm_params"], "timeout": 0.5}} for e in config.model_list
+    )
+    gw = llm.LLMGateway(
+        llm.RouteConfig(entries, {"num_retries": 1, "fallbacks": [{"slow": ["ok"]}]}), "slow"
+    )
+    started = time.perf_counter()
+    assert (await complete(gw, timeout_s=10.0)).model == "openai/ok"
+    assert time.perf_counter() - started < 1.9  # two 0.5 s tries on slow (2 s), then ok
+    assert fake.requests == 3
+
+
+async def test_the_deadline_bounds_every_try_and_cancels_the_upstream(
+    tmp_path: Path, fake: FakeOpenAI, no_backoff: list[dict[str, Any]]
+) -> None:
+    gw = gateway(tmp_path, fake, ["slow"], "slow", num_retries=2)
+    with pytest.raises(errors.DeadlineExceeded):
+        await complete(gw, timeout_s=0.3)
+    async with asyncio.timeout(5):
+        while not (fake.cancelled and fake.in_progress == 0):
+            await asyncio.sleep(0.02)
+    assert fake.requests == 1
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"routing_strategy": "least-busy"}, "routing_strategy"),
+        ({"fallbacks": [{"status-500": ["nope"]}]}, "unknown aliases: nope"),
+        ({"fallbacks": {"status-500": ["ok"]}}, "must be a list"),
+        ({"num_retries": -1}, "num_retries"),
+        ({"timeout": 0}, "timeout"),
+    ],
+)
+def test_router_settings_the_loop_cannot_honour_are_refused(
+    tmp_path: Path, fake: FakeOpenAI, settings: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        gateway(tmp_path, fake, ["status-500", "ok"], "status-500", **settings)
+
+
+def test_cooldown_settings_are_accepted(tmp_path: Path, fake: FakeOpenAI) -> None:
+    gw = gateway(
+        tmp_path, fake, ["ok"], "ok", disable_cooldowns=False, allowed_fails=3, cooldown_time=5
+    )
+    assert gw.route_model == "openai/ok"
+
+
+def test_openai_sdk_config_check_is_replaced_by_an_equivalent_fast_one() -> None:
+    import typing_extensions
+    from openai import _models
+    from openai.types.chat import ChatCompletionChunk
+
+    from ml_serving.generation.llm import gateway as llm
+
+    llm._speed_up_openai_models()
+    assert getattr(_models, "_ConfigProtocol") is llm._FastConfigCheck  # noqa: B009
+
+    @typing_extensions.runtime_checkable
+    class Original(typing_extensions.Protocol):  # the SDK's protocol, as it is declared
+        allow_population_by_field_name: bool
+
+    class V1Config:
+        allow_population_by_field_name = True
+
+    configs: tuple[object, ...] = (ChatCompletionChunk.model_config, {}, V1Config(), V1Config, 3)
+    for config in configs:
+        assert isinstance(config, llm._FastConfigCheck) == isinstance(config, Original)
+    chunk: Any = _models.construct_type(
+        value={
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}],
+        },
+        type_=ChatCompletionChunk,
+    )
+    assert chunk.choices[0].delta.content == "hi"
