@@ -18,8 +18,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.scenarios import REPO
+from ml_serving.api.rpc import SERVICE
 
-SERVICE_NAME = "mlserving.v1.InferenceService"
+SERVICE_NAME = SERVICE
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 

@@ -1,4 +1,4 @@
-"""Domain exceptions, each carrying the gRPC status it maps to (the DESIGN error table)."""
+"""Domain exceptions, each carrying the gRPC status it maps to (the README's error table)."""
 
 from __future__ import annotations
 

@@ -10,20 +10,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ml_serving.api.rpc import Gate
+from ml_serving.api.rpc import METHOD_TYPES, SERVICE, Gate
 from ml_serving.scoring.registry import ModelHolder
 
 logger = logging.getLogger(__name__)
 
-SERVICE = "mlserving.v1.InferenceService"
-_STREAMING = frozenset({"GenerateStream"})
 # Score answers in well under a millisecond; Generate takes seconds: one set of buckets covers both.
 _RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _LLM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-
-
-def _grpc_type(method: str) -> str:
-    return "server_stream" if method in _STREAMING else "unary"
 
 
 class _LiveState(Collector):
@@ -117,7 +111,9 @@ class Metrics:
         """Count an RPC that passed the door (admitted or not)."""
         child = self._started.get(method)
         if child is None:
-            child = self._started[method] = self.started.labels(_grpc_type(method), SERVICE, method)
+            child = self._started[method] = self.started.labels(
+                METHOD_TYPES[method], SERVICE, method
+            )
         child.inc()
 
     def rpc_finished(
@@ -127,13 +123,13 @@ class Metrics:
         handled = self._handled.get((method, code))
         if handled is None:
             handled = self._handled[method, code] = self.handled.labels(
-                _grpc_type(method), SERVICE, method, code
+                METHOD_TYPES[method], SERVICE, method, code
             )
         handled.inc()
         histogram = self._handling.get(method)
         if histogram is None:
             histogram = self._handling[method] = self.handling.labels(
-                _grpc_type(method), SERVICE, method
+                METHOD_TYPES[method], SERVICE, method
             )
         histogram.observe(seconds)
         if code == "OK" and "prompt_version" in notes:

@@ -1,4 +1,8 @@
-"""The one layer every RPC passes through: request id, admission, error mapping, access log."""
+"""The one layer every RPC passes through: request id, auth, admission, errors, access log, metrics.
+
+Every InferenceService method is registered here (`add_service`), from the generated service
+descriptor: a method the layer does not wrap, or wraps with the wrong cardinality, stops start-up.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,18 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+from typing import Any, Concatenate, Final, ParamSpec, Protocol, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from pydantic import SecretStr
 
 from ml_serving import errors
+from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving.api import security
 from ml_serving.observability import tracing
 from ml_serving.observability.logs import FieldsLogger, request_id_var
@@ -28,7 +35,24 @@ logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("ml_serving.access")
 _access_log = FieldsLogger(access_logger)
 
-SERVICE = "mlserving.v1.InferenceService"
+# The proto file holds one service: its descriptor names it, its methods and their cardinality.
+(SERVICE_DESCRIPTOR,) = pb.DESCRIPTOR.services_by_name.values()
+SERVICE: Final = SERVICE_DESCRIPTOR.full_name
+"""'mlserving.v1.InferenceService': method paths, metrics labels, the health name probes ask for."""
+
+
+def _cardinality(method: MethodDescriptor) -> str:
+    """The grpc_type label of the standard gRPC metrics: unary, client_stream, server_stream,
+    bidi_stream."""
+    if method.client_streaming:
+        return "bidi_stream" if method.server_streaming else "client_stream"
+    return "server_stream" if method.server_streaming else "unary"
+
+
+METHOD_TYPES: Final = {m.name: _cardinality(m) for m in SERVICE_DESCRIPTOR.methods}
+"""{method name: grpc_type} for every InferenceService method, from the descriptor."""
+_WRAPPED_AS = "__rpc_layer__"
+"""Attribute the layer's wrappers carry: the grpc_type they implement."""
 REQUEST_ID_KEY = "x-request-id"
 _MAX_REQUEST_ID_LEN = 128
 # Status messages ride in the grpc-message header (percent-encoded, so up to 9 bytes per
@@ -171,7 +195,8 @@ def _status_details(exc: errors.ServingError) -> tuple[tuple[str, bytes], ...]:
     status = status_pb2.Status(
         code=code_pb2.INVALID_ARGUMENT, message=_clip(str(exc)), details=[detail]
     )
-    return (("grpc-status-details-bin", status.SerializeToString()),)
+    # grpcio-status packs it under the key its clients read (rpc_status.from_call).
+    return tuple(rpc_status.to_status(status).trailing_metadata)
 
 
 class _Call:
@@ -249,85 +274,115 @@ class HasGate(Protocol):
     gate: Gate
 
 
-def unary(
-    method: str,
-) -> Callable[
-    [Callable[Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], Awaitable[Resp]]],
-    Callable[Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], Awaitable[Resp]],
-]:
-    """Wrap a unary handler: admission, request id, error mapping and one access-log line."""
-
-    def decorate(
-        handler: Callable[
-            Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], Awaitable[Resp]
-        ],
-    ) -> Callable[Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], Awaitable[Resp]]:
-        @functools.wraps(handler)
-        async def wrapper(
-            self: S,
-            request: Req,
-            context: grpc.aio.ServicerContext[Req, Resp],
-            *args: P.args,
-            **kwargs: P.kwargs,
-        ) -> Resp:
-            call = _Call(self.gate, method, context)
-            try:
-                call.admit(request)
-                response = await handler(self, request, context, *args, **kwargs)
-            except asyncio.CancelledError:
-                call.finish("CANCELLED")
-                raise
-            except Exception as exc:
-                await call.fail(exc)
-                raise AssertionError("unreachable: abort raises") from exc  # pragma: no cover
-            call.finish("OK")
-            return response
-
-        return wrapper  # type: ignore[return-value]  # functools.wraps loses the exact type
-
-    return decorate
+UnaryHandler = Callable[
+    Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], Awaitable[Resp]
+]
+StreamHandler = Callable[
+    Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], AsyncIterator[Resp]
+]
 
 
-def server_streaming(
-    method: str,
-) -> Callable[
-    [Callable[Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], AsyncIterator[Resp]]],
-    Callable[Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], AsyncIterator[Resp]],
-]:
-    """Wrap a server-streaming handler the same way as `unary`."""
+def unary(handler: UnaryHandler[S, Req, Resp, P]) -> UnaryHandler[S, Req, Resp, P]:
+    """Wrap a unary handler, named as its RPC: auth, admission, request id, error mapping, one
+    access-log line and the metrics."""
+    method = handler.__name__
 
-    def decorate(
-        handler: Callable[
-            Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], AsyncIterator[Resp]
-        ],
-    ) -> Callable[Concatenate[S, Req, grpc.aio.ServicerContext[Req, Resp], P], AsyncIterator[Resp]]:
-        @functools.wraps(handler)
-        async def wrapper(
-            self: S,
-            request: Req,
-            context: grpc.aio.ServicerContext[Req, Resp],
-            *args: P.args,
-            **kwargs: P.kwargs,
-        ) -> AsyncIterator[Resp]:
-            call = _Call(self.gate, method, context)
-            stream = handler(self, request, context, *args, **kwargs)
-            try:
-                call.admit(request)
-                async for message in stream:
-                    yield message
-            except (asyncio.CancelledError, GeneratorExit):
-                # GeneratorExit: gRPC dropped this generator (the client cancelled while a
-                # message was being sent) and the event loop is finalising it.
-                call.finish("CANCELLED")
-                raise
-            except Exception as exc:
-                await call.fail(exc)
-                return
-            finally:
-                # Close the handler's stream (and its upstream call) now, not at GC.
-                await _aclose(stream)
-            call.finish("OK")
+    @functools.wraps(handler)
+    async def wrapper(
+        self: S,
+        request: Req,
+        context: grpc.aio.ServicerContext[Req, Resp],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Resp:
+        call = _Call(self.gate, method, context)
+        try:
+            call.admit(request)
+            response = await handler(self, request, context, *args, **kwargs)
+        except asyncio.CancelledError:
+            call.finish("CANCELLED")
+            raise
+        except Exception as exc:
+            await call.fail(exc)
+            raise AssertionError("unreachable: abort raises") from exc  # pragma: no cover
+        call.finish("OK")
+        return response
 
-        return wrapper  # type: ignore[return-value]  # functools.wraps loses the generator type
+    setattr(wrapper, _WRAPPED_AS, "unary")  # noqa: B010 - read by add_service
+    return wrapper  # type: ignore[return-value]  # functools.wraps loses the exact type
 
-    return decorate
+
+def server_streaming(handler: StreamHandler[S, Req, Resp, P]) -> StreamHandler[S, Req, Resp, P]:
+    """Wrap a server-streaming handler, named as its RPC, the same way as `unary`."""
+    method = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: S,
+        request: Req,
+        context: grpc.aio.ServicerContext[Req, Resp],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> AsyncIterator[Resp]:
+        call = _Call(self.gate, method, context)
+        stream = handler(self, request, context, *args, **kwargs)
+        try:
+            call.admit(request)
+            async for message in stream:
+                yield message
+        except (asyncio.CancelledError, GeneratorExit):
+            # GeneratorExit: gRPC dropped this generator (the client cancelled while a
+            # message was being sent) and the event loop is finalising it.
+            call.finish("CANCELLED")
+            raise
+        except Exception as exc:
+            await call.fail(exc)
+            return
+        finally:
+            # Close the handler's stream (and its upstream call) now, not at GC.
+            await _aclose(stream)
+        call.finish("OK")
+
+    setattr(wrapper, _WRAPPED_AS, "server_stream")  # noqa: B010 - read by add_service
+    return wrapper  # type: ignore[return-value]  # functools.wraps loses the generator type
+
+
+_METHOD_HANDLERS: Final = {
+    "unary": grpc.unary_unary_rpc_method_handler,
+    "server_stream": grpc.unary_stream_rpc_method_handler,
+    "client_stream": grpc.stream_unary_rpc_method_handler,
+    "bidi_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_service(servicer: HasGate, server: grpc.aio.Server) -> None:
+    """Register every InferenceService method of `servicer` on `server`, each as its descriptor
+    says (what the generated add_InferenceServiceServicer_to_server does), with request parsing
+    that never raises (`lenient`).
+
+    Raises TypeError, stopping start-up, when a method is not wrapped by this layer (`unary` or
+    `server_streaming`) or is wrapped with another cardinality than the proto's.
+    """
+    handlers = {}
+    for method in SERVICE_DESCRIPTOR.methods:
+        implementation = getattr(servicer, method.name, None)
+        wrapped_as = getattr(implementation, _WRAPPED_AS, None)  # None: not wrapped
+        expected = METHOD_TYPES[method.name]
+        if implementation is None or wrapped_as is None:
+            raise TypeError(
+                f"{SERVICE}.{method.name} is not wrapped by the per-RPC layer: decorate it with "
+                f"rpc.{'unary' if expected == 'unary' else 'server_streaming'}"
+            )
+        if wrapped_as != expected:
+            raise TypeError(
+                f"{SERVICE}.{method.name} is a {expected} RPC but is wrapped as {wrapped_as}"
+            )
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        handlers[method.name] = _METHOD_HANDLERS[expected](
+            implementation,
+            request_deserializer=lenient(request_type.FromString, method.input_type.full_name),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)

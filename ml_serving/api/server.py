@@ -11,7 +11,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving.api import rpc
 from ml_serving.api.metrics import Metrics
 from ml_serving.api.servicer import InferenceServicer
@@ -22,7 +21,7 @@ from ml_serving.scoring.registry import ModelHolder, ModelRegistry
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+SERVICE_NAME = rpc.SERVICE
 """'mlserving.v1.InferenceService': the health name readiness probes ask for."""
 
 
@@ -104,7 +103,7 @@ async def start(settings: Settings) -> App:
     metrics = Metrics(gate, models)
     generator.observer = metrics
     server = grpc.aio.server(options=grpc_options(settings))
-    _add_inference_service(InferenceServicer(settings, gate, models, prompts, generator), server)
+    rpc.add_service(InferenceServicer(settings, gate, models, prompts, generator), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -128,27 +127,6 @@ async def start(settings: Settings) -> App:
         },
     )
     return app
-
-
-def _add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-    """What the generated add_InferenceServiceServicer_to_server does, with request parsing
-    that never raises (rpc.lenient): undecodable bytes reach the RPC layer as INVALID_ARGUMENT."""
-    handlers = {}
-    for method in pb.DESCRIPTOR.services_by_name["InferenceService"].methods:
-        request_type = getattr(pb, method.input_type.name)
-        response_type = getattr(pb, method.output_type.name)
-        make_handler = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        handlers[method.name] = make_handler(
-            getattr(servicer, method.name),
-            request_deserializer=rpc.lenient(request_type.FromString, method.input_type.full_name),
-            response_serializer=response_type.SerializeToString,
-        )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def _add_port(server: grpc.aio.Server, settings: Settings) -> int:

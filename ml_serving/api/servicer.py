@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
@@ -17,13 +17,10 @@ from ml_serving.api import rpc
 from ml_serving.config import Settings
 from ml_serving.generation.context import TipSignals
 from ml_serving.generation.prompts.registry import PromptRegistry
-from ml_serving.generation.service import GenerationRequest, Generator, StreamEnd
+from ml_serving.generation.service import GenerationRequest, GenerationResult, Generator
 from ml_serving.observability import tracing
 from ml_serving.scoring.model import score
 from ml_serving.scoring.registry import ModelHolder
-
-if TYPE_CHECKING:
-    from ml_serving.generation.llm.gateway import Completion
 
 _EXPERIENCE = {
     generation_pb2.EXPERIENCE_LEVEL_UNSPECIFIED: "",
@@ -59,7 +56,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._prompts = prompts
         self._generator = generator
 
-    @rpc.unary("Score")
+    @rpc.unary
     async def Score(
         self,
         request: pb.ScoreRequest,
@@ -89,27 +86,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             add(id=candidate_id, score=value)
         return response
 
-    @rpc.unary("Generate")
+    @rpc.unary
     async def Generate(
         self,
         request: pb.GenerateRequest,
         context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse],
     ) -> pb.GenerateResponse:
         result = await self._generator.generate(_generation_request(request, context))
-        rpc.annotate(
-            prompt_version=result.prompt_version, model=result.model, fallback=result.fallback
-        )
-        return pb.GenerateResponse(
-            text=result.text,
-            prompt_version=result.prompt_version,
-            prompt_hash=result.prompt_hash,
-            model=result.model,
-            usage=_usage(result.completion),
-            finish_reason=_FINISH.get(result.completion.finish_reason, _NO_FINISH),
-            fallback=result.fallback,
-        )
+        return pb.GenerateResponse(text=result.text, **_result_fields(result))
 
-    @rpc.server_streaming("GenerateStream")
+    @rpc.server_streaming
     async def GenerateStream(
         self,
         request: pb.GenerateStreamRequest,
@@ -121,22 +107,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 if isinstance(event, str):
                     yield pb.GenerateStreamResponse(text_delta=event)
                     continue
-                end: StreamEnd = event
-                rpc.annotate(
-                    prompt_version=end.prompt_version, model=end.model, fallback=end.fallback
-                )
                 yield pb.GenerateStreamResponse(
-                    end=generation_pb2.GenerateStreamEnd(
-                        prompt_version=end.prompt_version,
-                        prompt_hash=end.prompt_hash,
-                        model=end.model,
-                        usage=_usage(end.completion),
-                        finish_reason=_FINISH.get(end.completion.finish_reason, _NO_FINISH),
-                        fallback=end.fallback,
-                    )
+                    end=generation_pb2.GenerateStreamEnd(**_result_fields(event))
                 )
 
-    @rpc.unary("ListPromptVersions")
+    @rpc.unary
     async def ListPromptVersions(
         self,
         request: pb.ListPromptVersionsRequest,
@@ -159,10 +134,6 @@ def _generation_request(
     request: GenerateLike, context: grpc.aio.ServicerContext[Any, Any]
 ) -> GenerationRequest:
     tip = request.context
-    if tip.experience_level not in _EXPERIENCE:
-        raise errors.InvalidArgument(
-            "context.experience_level", f"unknown value {tip.experience_level}"
-        )
     temperature: float | None = None
     if request.limits.HasField("temperature"):
         temperature = request.limits.temperature
@@ -176,7 +147,9 @@ def _generation_request(
             goal=tip.goal,
             note=tip.note,
             interests=tuple(tip.interests),
-            experience_level=_EXPERIENCE[tip.experience_level],
+            # An unknown enum number reaches assemble_context as text it refuses, naming the
+            # field: the level is checked in one place.
+            experience_level=_EXPERIENCE.get(tip.experience_level, str(tip.experience_level)),
             streak_days=tip.streak_days,
             recent_tips=tuple(tip.recent_tips),
             locale=tip.locale,
@@ -187,9 +160,20 @@ def _generation_request(
     )
 
 
-def _usage(completion: Completion) -> generation_pb2.TokenUsage:
-    return generation_pb2.TokenUsage(
-        prompt_tokens=completion.prompt_tokens,
-        completion_tokens=completion.completion_tokens,
-        total_tokens=completion.prompt_tokens + completion.completion_tokens,
-    )
+def _result_fields(result: GenerationResult) -> dict[str, Any]:
+    """What GenerateResponse and GenerateStreamEnd share, from one GenerationResult; the same
+    fields go on the access-log line."""
+    completion = result.completion
+    rpc.annotate(prompt_version=result.prompt_version, model=result.model, fallback=result.fallback)
+    return {
+        "prompt_version": result.prompt_version,
+        "prompt_hash": result.prompt_hash,
+        "model": completion.model,
+        "usage": generation_pb2.TokenUsage(
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            total_tokens=completion.prompt_tokens + completion.completion_tokens,
+        ),
+        "finish_reason": _FINISH.get(completion.finish_reason, _NO_FINISH),
+        "fallback": result.fallback,
+    }

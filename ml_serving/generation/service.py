@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ml_serving import errors
@@ -39,25 +39,22 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """A finished generation and how it was made."""
+    """How a generation was made: a unary call's answer, and the totals that end a stream."""
 
-    text: str
+    completion: Completion
+    """The text (empty at a stream's end: the deltas carried it), model, tokens, finish reason."""
     prompt_version: str
     prompt_hash: str
-    model: str
-    completion: Completion
     fallback: bool
+    """True when no LLM route answered and the version's curated tip stood in."""
 
+    @property
+    def text(self) -> str:
+        return self.completion.text
 
-@dataclass(frozen=True)
-class StreamEnd:
-    """The totals that close a stream."""
-
-    prompt_version: str
-    prompt_hash: str
-    model: str
-    completion: Completion
-    fallback: bool
+    @property
+    def model(self) -> str:
+        return self.completion.model
 
 
 class Generator:
@@ -99,8 +96,7 @@ class Generator:
                 raise errors.DeadlineExceeded("the deadline left no time to call the LLM")
         if self.gateway is None:
             raise errors.NotReady("the LLM gateway is still starting; retry shortly")
-        messages = self._prompts.render(template, context)
-        logger.debug("prompt rendered", extra={"messages": messages})
+        messages = self._prompts.render(template, context)  # logs the prompt at DEBUG
         return template, context, messages, max_tokens, timeout_s
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -123,19 +119,16 @@ class Generator:
                 raise
             logger.warning("every LLM route failed; answering with a fallback tip: %s", exc)
             completion = _fallback_completion(template, context)
-            return GenerationResult(
-                completion.text, template.version, template.content_hash, completion.model,
-                completion, fallback=True,
-            )  # fmt: skip
+            return GenerationResult(completion, template.version, template.content_hash, True)
         logger.debug("completion", extra={"completion": completion.text})
-        return GenerationResult(
-            completion.text, template.version, template.content_hash, completion.model,
-            completion, fallback=False,
-        )  # fmt: skip
+        return GenerationResult(completion, template.version, template.content_hash, False)
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[str | StreamEnd, None]:
-        """Text deltas as they arrive, then a StreamEnd. A failure before the first delta may
-        still fall back; after it, the stream ends with the error (text already sent stays)."""
+    async def stream(
+        self, request: GenerationRequest
+    ) -> AsyncGenerator[str | GenerationResult, None]:
+        """Text deltas as they arrive, then the GenerationResult with the totals. A failure
+        before the first delta may still fall back; after it, the stream ends with the error
+        (text already sent stays)."""
         template, context, messages, max_tokens, timeout_s = self._prepare(request)
         assert self.gateway is not None
         call = _LLMCall(self.observer, self.gateway.route_model)
@@ -157,8 +150,8 @@ class Generator:
                             yield event
                         else:
                             call.done(event)
-                            yield StreamEnd(
-                                template.version, template.content_hash, event.model, event, False
+                            yield GenerationResult(
+                                event, template.version, template.content_hash, False
                             )
         except _FALLBACK_COVERS as exc:
             if sent_any or not self._fallback:
@@ -166,8 +159,8 @@ class Generator:
             logger.warning("every LLM route failed; streaming a fallback tip: %s", exc)
             completion = _fallback_completion(template, context)
             yield completion.text
-            yield StreamEnd(
-                template.version, template.content_hash, completion.model, completion, True
+            yield GenerationResult(
+                replace(completion, text=""), template.version, template.content_hash, True
             )
 
 

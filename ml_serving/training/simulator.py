@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -91,8 +91,21 @@ class Interactions:
         )
 
 
-def _col(group: features.Group, name: str) -> int:
-    return [f.name for f in features.specs(group)].index(name)
+def _stack(group: features.Group, columns: Mapping[str, npt.NDArray[Any]]) -> Float64Array:
+    """The group's feature matrix from columns named like its features, in model order.
+
+    A feature with no column (one added to features.py but not simulated), or a column no
+    feature has, stops the run: it can never train on an unset column.
+    """
+    names = [f.name for f in features.specs(group)]
+    missing = [n for n in names if n not in columns]
+    extra = [n for n in columns if n not in names]
+    if missing or extra:
+        raise ValueError(
+            f"simulator {group.value} columns do not match the features: "
+            f"missing {missing}, unknown {extra}"
+        )
+    return np.column_stack([np.asarray(columns[n], dtype=np.float64) for n in names])
 
 
 def simulate(seed: int, config: SimulatorConfig | None = None) -> Interactions:
@@ -210,28 +223,32 @@ def simulate(seed: int, config: SimulatorConfig | None = None) -> Interactions:
     t = shown.ravel()
     n = len(t)
 
-    ctx = np.empty((n, features.N_CONTEXT), dtype=np.float64)
-    c = features.Group.CONTEXT
-    ctx[:, _col(c, "tenure_days")] = tenure[u]
-    ctx[:, _col(c, "sessions_7d")] = sessions[row_req]
-    ctx[:, _col(c, "tips_seen_7d")] = tips_seen[row_req]
-    ctx[:, _col(c, "like_rate_30d")] = like_rate[u]
-    ctx[:, _col(c, "streak_days")] = streak[row_req]
-    ctx[:, _col(c, "is_new_user")] = is_new[u]
-    ctx[:, _col(c, "local_hour_sin")] = np.sin(2 * np.pi * hour[row_req] / 24.0)
-    ctx[:, _col(c, "local_hour_cos")] = np.cos(2 * np.pi * hour[row_req] / 24.0)
-
-    cand = np.empty((n, features.N_CANDIDATE), dtype=np.float64)
-    g = features.Group.CANDIDATE
+    ctx = _stack(
+        features.Group.CONTEXT,
+        {
+            "tenure_days": tenure[u],
+            "sessions_7d": sessions[row_req],
+            "tips_seen_7d": tips_seen[row_req],
+            "like_rate_30d": like_rate[u],
+            "streak_days": streak[row_req],
+            "is_new_user": is_new[u],
+            "local_hour_sin": np.sin(2 * np.pi * hour[row_req] / 24.0),
+            "local_hour_cos": np.cos(2 * np.pi * hour[row_req] / 24.0),
+        },
+    )
     onehot = np.eye(n_cat)[category[t]]
-    for j, name in enumerate(features.CATEGORIES):
-        cand[:, _col(g, f"category_{name}")] = onehot[:, j]
-    cand[:, _col(g, "tip_length_chars")] = length[t]
-    cand[:, _col(g, "tip_age_days")] = age[t]
-    cand[:, _col(g, "tip_prior_ctr")] = prior_ctr[t]
-    cand[:, _col(g, "readability")] = readability[t]
-    cand[:, _col(g, "has_action_step")] = has_action[t]
-    cand[:, _col(g, "topic_affinity")] = affinity[u, category[t]]
+    cand = _stack(
+        features.Group.CANDIDATE,
+        {
+            **{f"category_{name}": onehot[:, j] for j, name in enumerate(features.CATEGORIES)},
+            "tip_length_chars": length[t],
+            "tip_age_days": age[t],
+            "tip_prior_ctr": prior_ctr[t],
+            "readability": readability[t],
+            "has_action_step": has_action[t],
+            "topic_affinity": affinity[u, category[t]],
+        },
+    )
 
     true_prob = 1.0 / (
         1.0

@@ -51,9 +51,11 @@ async def test_prompts_and_completions_stay_out_of_info_logs(
     assert "7Q" in reply.text  # the offline route echoes the goal
     assert "7Q" not in caplog.text
     caplog.clear()
-    caplog.set_level(logging.DEBUG, logger="ml_serving.generation.service")
+    caplog.set_level(logging.DEBUG, logger="ml_serving.generation")
     await stub.Generate(request)
-    assert any("prompt rendered" in r.getMessage() for r in caplog.records)
+    # At DEBUG the prompt is logged, once per call (by the prompt registry that renders it).
+    rendered = [r for r in caplog.records if "rendered prompt" in r.getMessage()]
+    assert len(rendered) == 1 and "7Q" in rendered[0].getMessage()
 
 
 def test_batching_handler_writes_quiet_lines_in_batches_and_warnings_at_once() -> None:

@@ -16,9 +16,11 @@ from typing import IO, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ml_serving.api.rpc import SERVICE
 from tests.support import REPO
 
-SERVICE_NAME = "mlserving.v1.InferenceService"
+SERVICE_NAME = SERVICE
+"""The health name the child reports SERVING for once it is ready."""
 
 
 def free_port() -> int:

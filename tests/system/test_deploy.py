@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 import yaml
 
+from ml_serving.api.rpc import SERVICE
 from tests.support import REPO
 
 BASE = REPO / "deploy" / "base"
-SERVICE_NAME = "mlserving.v1.InferenceService"
+SERVICE_NAME = SERVICE  # the manifests must name the service the code serves
 SCORE_PATH = f"/{SERVICE_NAME}/Score"
 NON_IDEMPOTENT_PATHS = {f"/{SERVICE_NAME}/Generate", f"/{SERVICE_NAME}/GenerateStream"}
 # SIGKILL must not land exactly when the server's own grace runs out.

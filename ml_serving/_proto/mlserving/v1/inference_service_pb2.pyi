@@ -35,7 +35,9 @@ class ScoreRequest(_message.Message):
     CANDIDATE_FEATURE_NAMES_FIELD_NUMBER: _builtins.int
     CANDIDATES_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """The user being scored for; used for logs only, never as a model input."""
+    """The user being scored for. Not a model input, and kept out of logs: a user id is personal
+    data.
+    """
     @_builtins.property
     def context_feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the user context features, in the order of context_values."""

@@ -43,7 +43,10 @@ export const protobufFileName = "mlserving/v1/inference_service.proto";
  * sent once per request; values travel as packed floats in the order of those names.
  */
 export interface ScoreRequest {
-  /** The user being scored for; used for logs only, never as a model input. */
+  /**
+   * The user being scored for. Not a model input, and kept out of logs: a user id is personal
+   * data.
+   */
   userId: string;
   /** Names of the user context features, in the order of context_values. */
   contextFeatureNames: string[];
