@@ -133,8 +133,12 @@ _request_ids = _RequestIds()
 def _request_id(metadata: Sequence[tuple[str, Any]]) -> str:
     for key, value in metadata:
         if key == REQUEST_ID_KEY and isinstance(value, str) and value:
-            # Caller-chosen ids end up in logs: keep them short and printable.
-            clean = "".join(ch for ch in value[:_MAX_REQUEST_ID_LEN] if ch.isprintable())
+            # Caller-chosen ids go to logs and back out in the trailers, where grpc refuses any
+            # value that is not printable ASCII (the whole call then ends INTERNAL, after the
+            # work is done): keep them short and printable ASCII only.
+            if not (value.isascii() and value.isprintable()):
+                value = "".join(ch for ch in value if ch.isascii() and ch.isprintable())
+            clean = value[:_MAX_REQUEST_ID_LEN]
             if clean:
                 return clean
     return _request_ids.next()
