@@ -72,14 +72,14 @@ def unary_call(
                 break
             for event in conn.receive_data(data):
                 if isinstance(event, h2.events.ResponseReceived):
-                    reply.headers = dict(event.headers)  # type: ignore[arg-type]
+                    reply.headers = dict(event.headers)
                     if b"grpc-status" in reply.headers:
                         done = True  # trailers-only
                 elif isinstance(event, h2.events.DataReceived):
                     reply.body += event.data
                     conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
                 elif isinstance(event, h2.events.TrailersReceived):
-                    reply.trailers = dict(event.headers)  # type: ignore[arg-type]
+                    reply.trailers = dict(event.headers)
                     done = True
                 elif isinstance(event, h2.events.StreamReset):
                     reply.reset = done = True
