@@ -1,0 +1,1 @@
+"""Experiments over Generate's prompt versions: config, assignment, bandit, shadow, decision log."""
