@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -42,6 +43,39 @@ def configure(exporter: str, otlp_endpoint: str | None, service_name: str) -> bo
     return True
 
 
+_attached: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ml_serving_span_attached", default=False
+)
+"""Set beside each OpenTelemetry attach: resetting it tells whether we are still in the
+Context that attached (contextvars allows a reset only there)."""
+
+
+class _Attachment:
+    """A span made current in this Context, undone only in the Context that made it current.
+
+    A stream that a client cancels is finalised by the event loop in another Context (a new
+    task's), and so is whatever ends its spans. There the attach cannot be undone (the Context
+    it changed is gone with the stream's task, so nothing needs undoing), and OpenTelemetry's
+    ``detach`` would log an ERROR with a traceback per cancelled stream. Our own context
+    variable, set right after the attach, answers "same Context?" with the public contextvars
+    API; OpenTelemetry's ``detach`` runs only when it will succeed.
+    """
+
+    __slots__ = ("_otel_token", "_token")
+
+    def __init__(self, span: Span, parent: otel_context.Context | None = None) -> None:
+        self._otel_token = otel_context.attach(trace.set_span_in_context(span, parent))
+        self._token = _attached.set(True)
+
+    def detach(self) -> None:
+        """Restore the current span as it was, if still in the Context that changed it."""
+        try:
+            _attached.reset(self._token)
+        except ValueError:  # "created in a different Context": nothing here to restore
+            return
+        otel_context.detach(self._otel_token)
+
+
 class RpcSpan:
     """The server span of one RPC, parented on the trace context in its metadata.
 
@@ -58,7 +92,7 @@ class RpcSpan:
             kind=SpanKind.SERVER,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
         )
-        self._token = otel_context.attach(trace.set_span_in_context(self.span, parent))
+        self._attachment = _Attachment(self.span, parent)
 
     def end(self, code: str, notes: dict[str, Any]) -> None:
         """Close the span with the RPC's status code and access-log annotations."""
@@ -69,7 +103,7 @@ class RpcSpan:
         if code != "OK":
             self.span.set_status(Status(StatusCode.ERROR, code))
         self.span.end()
-        otel_context.detach(self._token)
+        self._attachment.detach()
 
 
 def rpc_span(full_method: str, metadata: Iterable[tuple[str, Any]]) -> RpcSpan | None:
@@ -79,8 +113,22 @@ def rpc_span(full_method: str, metadata: Iterable[tuple[str, Any]]) -> RpcSpan |
 
 @contextmanager
 def _child_span(name: str, attributes: dict[str, Any]) -> Iterator[None]:
-    with tracer.start_as_current_span(name, attributes=attributes):
+    # tracer.start_as_current_span, but detached through _Attachment: the LLM call's span is
+    # left by a cancelled stream's finaliser, in another Context.
+    span = tracer.start_span(name, attributes=attributes)
+    attachment = _Attachment(span)
+    try:
         yield
+    except Exception as exc:
+        # As start_as_current_span records them; BaseExceptions (GeneratorExit, a cancel) are
+        # no errors of the span's work.
+        if span.is_recording():
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        span.end()
+        attachment.detach()
 
 
 def child_span(name: str, **attributes: str | int | float | bool) -> AbstractContextManager[None]:
