@@ -144,6 +144,18 @@ def _request_id(metadata: Sequence[tuple[str, Any]]) -> str:
     return _request_ids.next()
 
 
+@dataclass(frozen=True)
+class TooLarge:
+    """A per-method request size bound, and why it holds (for the INVALID_ARGUMENT message)."""
+
+    limit: int
+    why: str
+    """e.g. "a Score request of at most 1000 candidates"."""
+
+    def reason(self, size: int) -> str:
+        return f"{size} bytes is more than {self.why} can take ({self.limit} bytes)"
+
+
 class MalformedRequest:
     """Stands in for request bytes that did not parse (see `lenient`); the RPC layer answers it
     with INVALID_ARGUMENT after authentication and admission, like any other bad request."""
@@ -154,14 +166,20 @@ class MalformedRequest:
         self.reason = reason
 
 
-def lenient(parse: Callable[[bytes], Req], type_name: str) -> Callable[[bytes], Req]:
+def lenient(
+    parse: Callable[[bytes], Req], type_name: str, max_bytes: TooLarge | None = None
+) -> Callable[[bytes], Req]:
     """A request deserializer that never raises: undecodable bytes become a MalformedRequest.
 
     gRPC's own handling of a deserializer error is UNKNOWN plus an ERROR traceback per call,
-    before any of this layer runs (no auth, request id, access log or metrics).
+    before any of this layer runs (no auth, request id, access log or metrics). With
+    `max_bytes`, a request larger than any valid one is refused unparsed: before
+    authentication, it costs neither parse time nor memory.
     """
 
     def parse_or_flag(raw: bytes) -> Req:
+        if max_bytes is not None and len(raw) > max_bytes.limit:
+            return MalformedRequest(max_bytes.reason(len(raw)))  # type: ignore[return-value]
         try:
             return parse(raw)
         except DecodeError as exc:
@@ -359,10 +377,12 @@ _METHOD_HANDLERS: Final = {
 }
 
 
-def add_service(servicer: HasGate, server: grpc.aio.Server) -> None:
+def add_service(
+    servicer: HasGate, server: grpc.aio.Server, size_bounds: Mapping[str, TooLarge] | None = None
+) -> None:
     """Register every InferenceService method of `servicer` on `server`, each as its descriptor
     says (what the generated add_InferenceServiceServicer_to_server does), with request parsing
-    that never raises (`lenient`).
+    that never raises (`lenient`) and refuses a request over its method's `size_bounds`.
 
     Raises TypeError, stopping start-up, when a method is not wrapped by this layer (`unary` or
     `server_streaming`) or is wrapped with another cardinality than the proto's.
@@ -385,7 +405,11 @@ def add_service(servicer: HasGate, server: grpc.aio.Server) -> None:
         response_type = getattr(pb, method.output_type.name)
         handlers[method.name] = _METHOD_HANDLERS[expected](
             implementation,
-            request_deserializer=lenient(request_type.FromString, method.input_type.full_name),
+            request_deserializer=lenient(
+                request_type.FromString,
+                method.input_type.full_name,
+                (size_bounds or {}).get(method.name),
+            ),
             response_serializer=response_type.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

@@ -17,6 +17,7 @@ from ml_serving.api.servicer import InferenceServicer
 from ml_serving.config import Settings
 from ml_serving.generation.prompts.registry import PromptRegistry
 from ml_serving.generation.service import Generator
+from ml_serving.scoring.model import max_request_bytes
 from ml_serving.scoring.registry import ModelHolder, ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,15 @@ async def start(settings: Settings) -> App:
     metrics = Metrics(gate, models)
     generator.observer = metrics
     server = grpc.aio.server(options=grpc_options(settings))
-    rpc.add_service(InferenceServicer(settings, gate, models, prompts, generator), server)
+    score_bound = rpc.TooLarge(
+        max_request_bytes(settings.max_candidates),
+        f"a Score request of at most {settings.max_candidates} candidates",
+    )
+    rpc.add_service(
+        InferenceServicer(settings, gate, models, prompts, generator),
+        server,
+        size_bounds={"Score": score_bound},
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -175,7 +184,18 @@ async def _warm_up(app: App) -> None:
         routes = (
             llm.load_routes(settings.llm_config) if settings.llm_config else llm.offline_routes()
         )
-        gateway = llm.LLMGateway(routes, settings.llm_model)
+        gateway = llm.LLMGateway(
+            routes,
+            settings.llm_model,
+            http_client=settings.llm_http_client,
+            max_connections=settings.max_concurrent_rpcs,
+            keepalive_s=settings.llm_keepalive_s,
+            acompletion_routes=[
+                a.strip() for a in settings.llm_acompletion_routes.split(",") if a.strip()
+            ],
+            stream_coalesce_s=settings.llm_stream_coalesce_ms / 1000,
+            on_cooldown=app.metrics.llm_cooldown,
+        )
         await gateway.warm_up()
     except Exception as exc:
         # A broken LLM config is a start-up failure: say why and stop rather than limp along.
@@ -184,14 +204,28 @@ async def _warm_up(app: App) -> None:
         asyncio.get_running_loop().create_task(app.stop(0))
         return
     app.generator.gateway = gateway
+    app._tasks.append(asyncio.create_task(_close_at_stop(app), name="llm-close"))
     await app.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     logger.info("ready", extra={"llm_route": gateway.alias, "llm_routes": list(routes.aliases)})
 
 
+async def _close_at_stop(app: App) -> None:
+    """Close the gateway's pooled HTTP client once the server has stopped (in-flight Generate
+    calls keep it through the grace period)."""
+    try:
+        await app.wait_stopped()
+    except asyncio.CancelledError:
+        # App.stop cancels the start-up tasks before it drains: wait out the drain all the same.
+        await app.wait_stopped()
+    if app.generator.gateway is not None:
+        await app.generator.gateway.aclose()
+
+
 def _import_llm(max_upstream_connections: int):  # type: ignore[no-untyped-def]
-    # LiteLLM sizes its HTTP connection pool from these at import (defaults 1,000 in all and 500
-    # per host): with one provider host, the 501st concurrent Generate would wait silently for
-    # a connection. Every admitted RPC may hold one; an operator's own values win.
+    # LiteLLM sizes its own HTTP pool (routes on litellm.acompletion) from these at import
+    # (defaults 1,000 in all and 500 per host): with one provider host, the 501st concurrent
+    # Generate would wait silently for a connection. Every admitted RPC may hold one; an
+    # operator's own values win. The provider path's pool is sized the same (LLMGateway).
     for name in ("AIOHTTP_CONNECTOR_LIMIT", "AIOHTTP_CONNECTOR_LIMIT_PER_HOST"):
         os.environ.setdefault(name, str(max_upstream_connections))
     from ml_serving.generation.llm import gateway as llm

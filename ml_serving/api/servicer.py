@@ -19,7 +19,7 @@ from ml_serving.generation.context import TipSignals
 from ml_serving.generation.prompts.registry import PromptRegistry
 from ml_serving.generation.service import GenerationRequest, GenerationResult, Generator
 from ml_serving.observability import tracing
-from ml_serving.scoring.model import score
+from ml_serving.scoring.model import refuse_too_many_candidates, score
 from ml_serving.scoring.registry import ModelHolder
 
 _EXPERIENCE = {
@@ -63,6 +63,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         context: grpc.aio.ServicerContext[pb.ScoreRequest, pb.ScoreResponse],
     ) -> pb.ScoreResponse:
         model = self._models.current  # one version for the whole request, even mid-promotion
+        # Counted before anything is built per candidate: an oversized request costs no more.
+        refuse_too_many_candidates(
+            context_feature_names=request.context_feature_names,
+            context_values=request.context_values,
+            candidate_feature_names=request.candidate_feature_names,
+            n_candidates=len(request.candidates),
+            max_candidates=self._settings.max_candidates,
+        )
         # A list first: iterating the repeated field builds a wrapper per element per pass.
         candidates = request.candidates[:]
         ids = [c.id for c in candidates]

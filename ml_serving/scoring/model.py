@@ -21,6 +21,65 @@ from ml_serving.scoring.features import DTYPE, Float32Array, Float64Array, Group
 logger = logging.getLogger(__name__)
 
 _F32_MAX: Final = float(np.finfo(np.float32).max)
+
+MAX_CANDIDATE_ID_CHARS: Final = 64
+"""Candidate ids are keys, not text: longer ones are refused, which bounds a request's size."""
+
+# A ScoreRequest's parts other than its candidates (user id, feature names, context values):
+# far above what a valid request carries (a few hundred bytes), so it never refuses one.
+_REQUEST_HEAD_BYTES: Final = 64 * 1024
+# One candidate on the wire at most: its id (UTF-8, up to 4 bytes a character), one float per
+# candidate feature, and the tags and lengths around them.
+_CANDIDATE_BYTES: Final = 4 * MAX_CANDIDATE_ID_CHARS + 4 * features.N_CANDIDATE + 16
+
+
+def max_request_bytes(max_candidates: int) -> int:
+    """The most bytes a valid ScoreRequest with at most `max_candidates` candidates can take.
+
+    Checked on the raw bytes before they are parsed, so an oversized request (millions of empty
+    candidates fit in the 4 MiB message limit) costs no per-candidate work or memory.
+    """
+    return _REQUEST_HEAD_BYTES + max_candidates * _CANDIDATE_BYTES
+
+
+class _Count(Sequence[Any]):
+    """A sequence of which only the length is known: what the count check needs, no elements."""
+
+    def __init__(self, length: int) -> None:
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: Any) -> Any:
+        raise AssertionError("only the count of an oversized request is read")  # pragma: no cover
+
+
+def refuse_too_many_candidates(
+    *,
+    context_feature_names: Sequence[str],
+    context_values: Sequence[float],
+    candidate_feature_names: Sequence[str],
+    n_candidates: int,
+    max_candidates: int,
+) -> None:
+    """Raise the error ``align_request`` would give a request of `n_candidates` candidates when
+    that is over `max_candidates`, without reading one candidate (the caller has only counted
+    them); faults in the fields checked before the count (names, context values) come first."""
+    if n_candidates <= max_candidates:
+        return
+    count = _Count(n_candidates)
+    align_request(
+        context_feature_names=context_feature_names,
+        context_values=context_values,
+        candidate_feature_names=candidate_feature_names,
+        candidate_ids=count,
+        candidate_values=count,
+        max_candidates=max_candidates,
+    )
+    raise AssertionError("unreachable: the count check raises")  # pragma: no cover
+
+
 _NAMES_FIELD: Final = {
     Group.CONTEXT: "context_feature_names",
     Group.CANDIDATE: "candidate_feature_names",
@@ -291,7 +350,11 @@ def _check_candidate_shape(
             "candidates", f"at most {max_candidates} candidates per request, got {n}"
         )
     # C-level checks for the common valid case; the loops only run to name the culprit.
-    if not all(candidate_ids) or len(set(candidate_ids)) != n:
+    if (
+        not all(candidate_ids)
+        or len(set(candidate_ids)) != n
+        or max(map(len, candidate_ids)) > MAX_CANDIDATE_ID_CHARS
+    ):
         _raise_bad_id(candidate_ids)
     k = len(align.names)
     lengths = list(map(len, candidate_values))
@@ -328,6 +391,11 @@ def _raise_bad_id(candidate_ids: Sequence[str]) -> NoReturn:
     for i, cid in enumerate(candidate_ids):
         if not cid:
             raise InvalidArgument(f"candidates[{i}].id", "must be non-empty")
+        if len(cid) > MAX_CANDIDATE_ID_CHARS:
+            raise InvalidArgument(
+                f"candidates[{i}].id",
+                f"{echo(cid)} is longer than {MAX_CANDIDATE_ID_CHARS} characters",
+            )
         if cid in first_index:
             raise InvalidArgument(
                 f"candidates[{i}].id",

@@ -30,6 +30,7 @@ from ml_serving.api import server
 from ml_serving.generation.context import MAX_STREAK_DAYS
 from ml_serving.scoring import features
 from ml_serving.scoring.features import Group
+from ml_serving.scoring.model import MAX_CANDIDATE_ID_CHARS
 from tests.support.requests import generate_request, score_request
 from tests.support.scores import offline_scores
 from tests.support.servers import health_stub
@@ -318,13 +319,21 @@ SCORE_CASES = [
     Case("candidate id empty", _set_id(1, ""), INVALID, "candidates[1].id"),
     Case("candidate id duplicate", _set_id(2, "tip-0000"), INVALID, "candidates[2].id"),
     Case(
-        "candidate id huge and duplicate",
-        _both(_set_id(0, "i" * HUGE), _set_id(1, "i" * HUGE)),
+        "candidate id long and duplicate",
+        _both(_set_id(0, "i" * MAX_CANDIDATE_ID_CHARS), _set_id(1, "i" * MAX_CANDIDATE_ID_CHARS)),
         INVALID,
         "candidates[1].id",
         says="(also candidates[0].id)",
     ),
-    Case("candidate id huge", _set_id(0, "i" * HUGE), OK),
+    Case("candidate id at the cap", _set_id(0, "i" * MAX_CANDIDATE_ID_CHARS), OK),
+    # Ids are keys: a cap on them is what bounds a Score request's size (see test_score_limits).
+    Case(
+        "candidate id huge",
+        _set_id(0, "i" * HUGE),
+        INVALID,
+        "candidates[0].id",
+        says=f"longer than {MAX_CANDIDATE_ID_CHARS} characters",
+    ),
     Case("candidate id control chars", _set_id(0, CONTROL), OK),
     Case("candidate id odd unicode", _set_id(0, ODD_UNICODE), OK),
     # candidates[].values
