@@ -229,4 +229,5 @@ def test_counts_by_experiment_version_and_how() -> None:
     assert counts[("", "v1", HowChosen.REQUEST)] == 1
     assert counts[("", "unknown", HowChosen.REQUEST)] == 1
     assert counts[("", "v1", HowChosen.DEFAULT)] == 1
-    assert HowChosen.EXPERIMENT == "experiment"  # a str enum: labels and log fields as is
+    # A str enum: usable as a metrics label or log field as is.
+    assert isinstance(HowChosen.EXPERIMENT, str) and f"{HowChosen.EXPERIMENT}" == "experiment"
