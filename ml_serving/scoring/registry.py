@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import datetime as dt
 import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import sys
 import tempfile
+import time
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 
-from ml_serving.errors import InvalidArgument
+from ml_serving.errors import InvalidArgument, NotReady
 from ml_serving.scoring import features
 from ml_serving.scoring.model import Model, ModelWeights, score
 
@@ -283,40 +286,121 @@ class ModelRegistry:
         return final
 
 
-class ModelHolder:
-    """The model that serves ``name`` now, swapped without a restart when PROMOTED changes.
+class ModelSource(Protocol):
+    """Where ``ModelHolder`` finds versions: ``ModelRegistry``, or ``MlflowRegistry`` (MLflow)."""
 
-    ``current`` is a plain attribute: a request reads it once and finishes on that version even
-    if a swap happens meanwhile. Construction loads the promoted version and raises
-    ``RegistryError`` if it cannot.
+    def promoted_version(self, name: str) -> str:
+        """The version that should serve ``name`` now; ``RegistryError`` if it cannot be told."""
+        ...
+
+    def load(self, name: str, version: str) -> Model:
+        """One fully validated version; ``InvalidModelError`` if it must not serve."""
+        ...
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry could not be reached (network, server down): worth retrying with backoff."""
+
+
+MAX_POLL_BACKOFF_S: Final = 30.0
+"""Longest wait between polls while the registry is unreachable (doubling from the interval)."""
+
+
+class ModelHolder:
+    """The model that serves ``name`` now, swapped without a restart when the promoted version
+    changes.
+
+    ``current`` is read once per request, which then finishes on that version even if a swap
+    happens meanwhile. By default construction loads the promoted version and raises
+    ``RegistryError`` if it cannot; ``lazy=True`` starts from ``initial`` (possibly nothing)
+    and lets the first poll resolve the version, for registries that may be down at start.
     """
 
-    def __init__(self, registry: ModelRegistry, name: str) -> None:
+    def __init__(
+        self,
+        registry: ModelSource,
+        name: str,
+        *,
+        lazy: bool = False,
+        initial: Model | None = None,
+        on_swap: Callable[[Model], None] | None = None,
+    ) -> None:
         self.registry = registry
         self.name = name
-        self.current: Model = registry.load(name, registry.promoted_version(name))
+        self._model: Model | None = (
+            initial if lazy else registry.load(name, registry.promoted_version(name))
+        )
+        self._poll_first = lazy
+        self._on_swap = on_swap
         self._last_failure: tuple[str | None, str] | None = None
+        self._unavailable_streak = 0
+        self.poll_failures: collections.Counter[str] = collections.Counter()
+        """Failed polls by reason: ``unavailable`` (registry unreachable) or ``refused``."""
+        self._loaded = asyncio.Event()
+        if self._model is not None:
+            self._loaded.set()
+
+    @property
+    def current(self) -> Model:
+        """The serving version; ``NotReady`` (FAILED_PRECONDITION) while none has loaded yet."""
+        model = self._model
+        if model is None:
+            raise NotReady(f"model {self.name!r} is not loaded yet: its registry is unreachable")
+        return model
+
+    @property
+    def loaded(self) -> Model | None:
+        """The serving version, or None before the first one loads (metrics, logs)."""
+        return self._model
+
+    async def wait_loaded(self) -> None:
+        """Return once a version serves (at once when one already does)."""
+        await self._loaded.wait()
 
     def refresh(self) -> bool:
-        """Re-read PROMOTED and swap to a new version if it loads and validates.
+        """Re-resolve the promoted version and swap to it if it loads and validates.
 
         Returns True when a swap happened. Any failure is logged as a WARNING naming the version
-        and the reason, and the old version keeps serving.
+        and the reason (once per distinct failure), counted in ``poll_failures``, and the old
+        version keeps serving.
         """
         version: str | None = None
         try:
             version = self.registry.promoted_version(self.name)
-            if version == self.current.version:
-                self._last_failure = None
+            if self._model is not None and version == self._model.version:
+                self._ok()
                 return False
+            started = time.perf_counter()
             model = self.registry.load(self.name, version)
+        except RegistryUnavailable as exc:
+            self._unavailable_streak += 1
+            self.poll_failures["unavailable"] += 1
+            self._warn(version, f"registry unreachable: {exc}")
+            return False
         except Exception as exc:  # whatever breaks, the old model keeps serving
+            self._unavailable_streak = 0
+            self.poll_failures["refused"] += 1
             self._warn(version, f"{type(exc).__name__}: {exc}")
             return False
-        previous, self.current = self.current.version, model
-        self._last_failure = None
-        logger.info("model %s: now serving version %s (was %s)", self.name, version, previous)
+        previous = self._model.version if self._model is not None else None
+        self._model = model
+        self._ok()
+        if self._on_swap is not None:
+            self._on_swap(model)
+        logger.info(
+            "model %s: now serving version %s (was %s; loaded in %.1f ms)",
+            self.name,
+            version,
+            previous,
+            (time.perf_counter() - started) * 1000,
+        )
         return True
+
+    def _ok(self) -> None:
+        if self._last_failure is not None:
+            logger.info("model %s: registry polling recovered", self.name)
+        self._last_failure = None
+        self._unavailable_streak = 0
 
     def _warn(self, version: str | None, reason: str) -> None:
         # Polling repeats the same failure every interval: warn once per distinct failure.
@@ -326,16 +410,30 @@ class ModelHolder:
             level,
             "model %s: cannot switch to version %s, still serving version %s: %s",
             self.name,
-            version if version is not None else "(unreadable PROMOTED)",
-            self.current.version,
+            version if version is not None else "(unresolved)",
+            self._model.version if self._model is not None else "(none)",
             reason,
         )
 
-    async def watch(self, interval_s: float) -> None:
-        """Poll ``refresh`` every ``interval_s`` seconds until cancelled (file I/O in a thread)."""
+    def next_delay(self, interval_s: float, max_backoff_s: float = MAX_POLL_BACKOFF_S) -> float:
+        """Seconds to the next poll: the interval, doubled per poll the registry was unreachable
+        (up to ``max_backoff_s``, with jitter so that many replicas do not retry in step)."""
+        if not self._unavailable_streak:
+            return interval_s
+        cap = max(interval_s, max_backoff_s)
+        backoff = min(cap, interval_s * 2.0 ** min(self._unavailable_streak, 16))
+        return backoff * random.uniform(0.8, 1.0)
+
+    async def watch(self, interval_s: float, max_backoff_s: float = MAX_POLL_BACKOFF_S) -> None:
+        """Poll ``refresh`` until cancelled (its I/O in a thread): every ``interval_s`` seconds,
+        backing off while the registry is unreachable; a lazy holder polls once at once."""
+        delay = 0.0 if self._poll_first else interval_s
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(delay)
             await asyncio.to_thread(self.refresh)
+            if self._model is not None:
+                self._loaded.set()  # here, on the loop: asyncio.Event is not thread-safe
+            delay = self.next_delay(interval_s, max_backoff_s)
 
 
 def _cmd_list(registry: ModelRegistry, names: Sequence[str]) -> int:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import re
 import sys
+import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -415,6 +419,123 @@ def train(
     return TrainedModel(model=model, fit=info)
 
 
+def restamp(card: Mapping[str, Any], version: str) -> dict[str, Any]:
+    """The card ``train`` builds for the same run under another version number.
+
+    MLflow numbers a version only once it is created, after training; the version appears in
+    these three places of the card and nowhere else (tests/unit/test_train.py checks it).
+    """
+    out: dict[str, Any] = json.loads(json.dumps(card))
+    out["version"] = version
+    trained = out["rollout_history"][0]
+    trained["version"] = version
+    trained["command"] = re.sub(r"--version \S+", f"--version {version}", trained["command"])
+    return out
+
+
+def mlflow_params(card: Mapping[str, Any]) -> dict[str, str]:
+    """Run parameters: the seed, the simulator configuration and the fit settings."""
+    data, fit = card["training_data"], card["training"]
+    params = {"seed": data["seed"], "model_type": card["model_type"]}
+    params |= {f"simulator.{k}": v for k, v in data["simulator_config"].items()}
+    params |= {
+        "fit.method": fit["method"],
+        "fit.l2": fit["l2"],
+        "fit.iterations": fit["iterations"],
+    }
+    params |= {"heldout_user_share": HELDOUT_USER_SHARE, "calibration_bins": N_BINS}
+    return {k: str(v) for k, v in params.items()}
+
+
+def mlflow_metrics(card: Mapping[str, Any]) -> dict[str, float]:
+    """Run metrics: held-out quality, calibration, and the fairness gaps between segments."""
+    m, fair = card["metrics"]["heldout"], card["fairness"]
+    gaps = fair["mean_predicted_minus_observed"]
+    return {
+        "auc": m["auc"],
+        "log_loss": m["log_loss"],
+        "calibration_error": m["ece"],
+        "brier": m["brier"],
+        "baseline_auc": card["metrics"]["baseline_main_effects"]["auc"],
+        "fairness_auc_gap": fair["auc_gap_established_minus_new"],
+        "fairness_calibration_gap_new": gaps["new"],
+        "fairness_calibration_gap_established": gaps["established"],
+        "fairness_passed": float(fair["passed"]),
+    }
+
+
+def mlflow_card_tags(card: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
+    """The registered version's description and tags: the card's essentials."""
+    m, fair = card["metrics"]["heldout"], card["fairness"]
+    description = (
+        f"{card['summary']} Held-out AUC {m['auc']}, log loss {m['log_loss']}, calibration "
+        f"error {m['ece']}; fairness checks {'passed' if fair['passed'] else 'FAILED'} "
+        f"(AUC gap {fair['auc_gap_established_minus_new']}). Simulated data, seed "
+        f"{card['training_data']['seed']}. Full card: artifacts/card.json."
+    )
+    tags = {
+        "model_type": card["model_type"],
+        "card_schema": str(card["card_schema"]),
+        "seed": str(card["training_data"]["seed"]),
+        "training_data": card["training_data"]["source"],
+        "auc": str(m["auc"]),
+        "log_loss": str(m["log_loss"]),
+        "calibration_error": str(m["ece"]),
+        "fairness_passed": str(fair["passed"]).lower(),
+    }
+    return description, tags
+
+
+def log_to_mlflow(result: TrainedModel, tracking_uri: str, *, promote: bool = False) -> Model:
+    """Log a run (parameters, metrics, the model as a pyfunc with its registry files), register
+    it as a new version with the alias ``challenger``, and with ``promote`` move ``champion``
+    to it when the fairness checks pass. Returns the version as registered."""
+    from ml_serving.scoring import mlflow_registry
+
+    with tempfile.TemporaryDirectory(prefix="ml-serving-train-") as cache:
+        registry = mlflow_registry.MlflowRegistry(Path(cache), tracking_uri=tracking_uri)
+        with mlflow_registry.mlflow_errors(f"logging to MLflow at {tracking_uri}"):
+            model: Model = _log_run(registry, result, promote=promote)
+    return model
+
+
+def _log_run(registry: Any, result: TrainedModel, *, promote: bool) -> Model:
+    from mlflow.entities import Metric, Param
+
+    card = result.model.card
+    name = result.model.name
+    client = registry.client
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    seed = card["training_data"]["seed"]
+    run = client.create_run(experiment_id, run_name=f"{name}-seed{seed}")
+    run_id = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in mlflow_metrics(card).items()],
+            params=[Param(k, v) for k, v in mlflow_params(card).items()],
+        )
+        description, tags = mlflow_card_tags(card)
+        model: Model = registry.add_version(
+            name,
+            result.model.weights,
+            lambda version: restamp(card, version),
+            run_id=run_id,
+            description=description,
+            tags=tags,
+        )
+        client.set_tag(run_id, "registered_version", model.version)
+        if promote and card["fairness"]["passed"]:
+            registry.promote(name, model.version, note="trained with --promote")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return model
+
+
 def _load_model(model: Model | Path | str) -> Model:
     if isinstance(model, Model):
         return model
@@ -448,6 +569,8 @@ def _next_version(registry: ModelRegistry, name: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; see ``--help``."""
+    from ml_serving.config import Settings
+
     parser = argparse.ArgumentParser(prog="python -m ml_serving.training", description=__doc__)
     parser.add_argument("--root", type=Path, default=Path("models"), help="registry root")
     parser.add_argument("--name", default=MODEL_NAME)
@@ -459,7 +582,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing version (regenerating only)"
     )
+    parser.add_argument(
+        "--tracking-uri",
+        default=Settings().mlflow_tracking_uri,
+        help="log to this MLflow server and register there instead of --root "
+        "(default: MLFLOW_TRACKING_URI)",
+    )
     args = parser.parse_args(argv)
+    if args.tracking_uri:
+        return _main_mlflow(args)
     registry = ModelRegistry(args.root)
     version = args.version or _next_version(registry, args.name)
     result = train(args.seed, name=args.name, version=version)
@@ -471,17 +602,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    m, b = card["metrics"]["heldout"], card["metrics"]["baseline_main_effects"]
     print(f"wrote {path}")
-    print(f"held-out  model:    auc={m['auc']} log_loss={m['log_loss']} ece={m['ece']}")
-    print(f"held-out  baseline: auc={b['auc']} log_loss={b['log_loss']} ece={b['ece']}")
-    print(f"fairness checks: {card['fairness']['checks']}")
+    _print_summary(card)
     if args.promote:
         if not card["fairness"]["passed"]:
             print("not promoted: fairness checks failed", file=sys.stderr)
             return 1
         registry.promote(args.name, version, note="trained with --promote")
         print(f"promoted {args.name} version {version}")
+    return 0
+
+
+def _print_summary(card: Mapping[str, Any]) -> None:
+    m, b = card["metrics"]["heldout"], card["metrics"]["baseline_main_effects"]
+    print(f"held-out  model:    auc={m['auc']} log_loss={m['log_loss']} ece={m['ece']}")
+    print(f"held-out  baseline: auc={b['auc']} log_loss={b['log_loss']} ece={b['ece']}")
+    print(f"fairness checks: {card['fairness']['checks']}")
+
+
+def _main_mlflow(args: argparse.Namespace) -> int:
+    if args.version or args.overwrite:
+        print("error: MLflow numbers versions itself: drop --version/--overwrite", file=sys.stderr)
+        return 2
+    # The version number is MLflow's: train under a placeholder, restamp once registered.
+    result = train(args.seed, name=args.name, version="0")
+    try:
+        model = log_to_mlflow(result, args.tracking_uri, promote=args.promote)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"registered models:/{args.name}/{model.version} (alias challenger) at {args.tracking_uri}"
+    )
+    _print_summary(model.card)
+    if args.promote:
+        if not model.card["fairness"]["passed"]:
+            print("not promoted: fairness checks failed", file=sys.stderr)
+            return 1
+        print(f"promoted {args.name} version {model.version} (alias champion)")
     return 0
 
 
