@@ -9,24 +9,47 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
-PY_STAMP := $(VENV)/.installed
-NODE_STAMP := node_modules/.installed
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# Stamps live in the directory they describe, where no documented step deletes them without
+# deleting what they stand for: the two venv stamps under .venv/ (`make clean` or `rm -rf .venv`
+# take both), and for node_modules the hidden lock file npm itself writes at the end of every
+# `npm ci` (the TypeScript README's own `npm ci` renews it instead of deleting make's stamp).
+RUN_STAMP := $(VENV)/.runtime-installed
+DEV_STAMP := $(VENV)/.dev-installed
+NODE_STAMP := node_modules/.package-lock.json
 TS_CLIENT := clients/typescript
-TS_STAMP := $(TS_CLIENT)/node_modules/.installed
+TS_STAMP := $(TS_CLIENT)/node_modules/.package-lock.json
+MODEL_ROOT ?= models
+MODEL_NAME ?= tips-ranker
+VERSION ?=
 PROTO_SRC := $(wildcard protos/mlserving/v1/*.proto)
 PROTO_OUT := ml_serving/_proto
 
-.PHONY: help install proto proto-ts check-gen lint breaking test test-py test-ts run train lock \
-	bench bench-check bench-smoke stress soak docker ci clean
+.PHONY: help install install-runtime proto proto-ts check-gen lint breaking test test-py test-ts \
+	run train promote models lock bench bench-check bench-smoke stress soak docker ci clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-$(PY_STAMP): requirements-dev.lock pyproject.toml
+# One .venv, two stamps. The runtime stamp (what `make run`, `train` and `promote` need) installs
+# requirements.lock only, plus the build backend pinned in the dev lock: the runtime lock has
+# none, and pip's isolated build would fetch an unpinned one. The dev stamp installs
+# requirements-dev.lock, a superset of the runtime lock at the same pins (tests/system/test_make.py
+# checks), so it renews the runtime stamp too.
+$(RUN_STAMP): requirements.lock requirements-dev.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements-dev.lock
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PIP) --require-hashes --no-deps -r requirements.lock
+	awk '/^setuptools==/ {p = 1} p {print} p && !/\\$$/ {exit}' requirements-dev.lock \
+	  > $(VENV)/build-requirements.txt
+	$(PIP) --require-hashes --no-deps -r $(VENV)/build-requirements.txt
+	$(PIP) --no-deps --no-build-isolation -e .
 	touch $@
+
+$(DEV_STAMP): requirements-dev.lock requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --require-hashes --no-deps -r requirements-dev.lock
+	$(PIP) --no-deps --no-build-isolation -e .
+	touch $@ $(RUN_STAMP)
 
 $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
@@ -36,21 +59,24 @@ $(TS_STAMP): $(TS_CLIENT)/package.json $(TS_CLIENT)/package-lock.json
 	cd $(TS_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-install: $(PY_STAMP) $(NODE_STAMP) $(TS_STAMP) ## create the venv and node_modules from the lock files
+install: $(DEV_STAMP) $(NODE_STAMP) $(TS_STAMP) ## the dev venv (requirements-dev.lock) and node_modules
+install-runtime: $(RUN_STAMP) ## the runtime venv only (requirements.lock): what `make run` needs
 
-# requirements.lock: runtime only (the image); requirements-dev.lock: runtime + dev (make install).
+# requirements.lock: runtime with the mlflow extra (make run, the image); requirements-dev.lock:
+# runtime + dev, whose full mlflow pulls in the same mlflow-skinny (make install). The commands
+# are the ones the lock files' headers record.
 lock: ## re-resolve both lock files (exact pins with hashes) from pyproject.toml
 	uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 -o requirements-dev.lock
-	uv pip compile pyproject.toml --generate-hashes --python-version 3.11 -o requirements.lock
+	uv pip compile pyproject.toml --extra mlflow --generate-hashes --python-version 3.11 -o requirements.lock
 
 # Generated stubs are committed; scripts/gen_proto.sh is the one recipe, used by proto and check-gen.
-proto: $(PY_STAMP) ## regenerate the Python stubs (.py, _grpc.py, .pyi) from protos/
+proto: $(DEV_STAMP) ## regenerate the Python stubs (.py, _grpc.py, .pyi) from protos/
 	scripts/gen_proto.sh $(PY) $(PROTO_OUT)
 
 proto-ts: $(NODE_STAMP) $(TS_STAMP) ## regenerate the TypeScript client in clients/typescript/src/gen
 	cd $(TS_CLIENT) && npm run --silent generate
 
-check-gen: $(PY_STAMP) $(NODE_STAMP) $(TS_STAMP) ## fail when committed Python or TS stubs are stale
+check-gen: $(DEV_STAMP) $(NODE_STAMP) $(TS_STAMP) ## fail when committed Python or TS stubs are stale
 	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	scripts/gen_proto.sh $(PY) "$$tmp/_proto"; \
 	diff -r -x __pycache__ "$$tmp/_proto" $(PROTO_OUT) || { echo "stale stubs: run 'make proto' and commit" >&2; exit 1; }
@@ -74,31 +100,39 @@ breaking: $(NODE_STAMP) ## buf breaking against the main branch (skipped before 
 
 test: test-py test-ts ## run the whole suite: pytest, then the Node contract tests on a live server
 
-test-py: $(PY_STAMP)
+test-py: $(DEV_STAMP) ## pytest: unit, rpc and system tests
 	$(BIN)/pytest -q
 
-test-ts: $(PY_STAMP) $(TS_STAMP) ## tsc --strict and node --test against a real server
+test-ts: $(DEV_STAMP) $(TS_STAMP) ## tsc --strict and node --test against a real server
 	cd $(TS_CLIENT) && npm test
 
-run: install ## serve every RPC on the embedded defaults (shipped model, offline LLM route)
+run: $(RUN_STAMP) ## serve every RPC on the embedded defaults (runtime lock only, no Node)
 	$(PY) -m ml_serving
 
-train: $(PY_STAMP) ## rebuild the shipped model from the simulator (fixed seed)
-	$(PY) -m ml_serving.training --root models
+train: $(RUN_STAMP) ## train the next version of the model from the simulator (shipped seed), unpromoted
+	$(PY) -m ml_serving.training --root $(MODEL_ROOT) --name $(MODEL_NAME)
 
-bench: $(PY_STAMP) ## full benchmark (< 10 min): bench/results.json, RESULTS.md, latency.png
+promote: $(RUN_STAMP) ## make VERSION the served one (validated; a running server swaps it in)
+	@test -n "$(VERSION)" || { echo "usage: make promote VERSION=N" >&2; exit 2; }
+	$(PY) -m ml_serving.scoring.registry promote --root $(MODEL_ROOT) --name $(MODEL_NAME) \
+	  --version $(VERSION)
+
+models: $(RUN_STAMP) ## list the model versions (* marks the promoted one)
+	$(PY) -m ml_serving.scoring.registry list --root $(MODEL_ROOT) --name $(MODEL_NAME)
+
+bench: $(DEV_STAMP) ## full benchmark (< 10 min): bench/results.json, RESULTS.md, latency.png
 	$(PY) -m bench
 
-bench-check: $(PY_STAMP) ## fail when bench/results.json breaks a ratio in bench/thresholds.json
+bench-check: $(DEV_STAMP) ## fail when bench/results.json breaks a ratio in bench/thresholds.json
 	$(PY) -m bench check
 
-bench-smoke: $(PY_STAMP) ## a short run of every scenario that fails on any error status
+bench-smoke: $(DEV_STAMP) ## a short run of every scenario that fails on any error status
 	$(PY) -m bench --smoke
 
-stress: $(PY_STAMP) ## 1,000 concurrent GenerateStream calls through a server subprocess (~2 min)
-	ML_SERVING_STRESS=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_faults_under_load.py -k 1000 -s
+stress: $(DEV_STAMP) ## 1,000 concurrent GenerateStream calls through a server subprocess (~2 min)
+	ML_SERVING_STRESS=1 $(BIN)/pytest -q -p no:cacheprovider tests/system/test_faults_under_load.py -k 1000 -s
 
-soak: $(PY_STAMP) ## mixed load on a server subprocess for SOAK_SECONDS (120): fails on errors or RSS growth
+soak: $(DEV_STAMP) ## mixed load on a server subprocess for SOAK_SECONDS (120): fails on errors or RSS growth
 	$(PY) -m scripts.soak
 
 docker: ## build the container image (needs a Docker engine)
