@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     """Seconds in-flight RPCs get to finish after SIGTERM/SIGINT before they are cancelled."""
     max_concurrent_rpcs: int = Field(default=2048, ge=1)
     """InferenceService RPCs in flight at once; more are shed with RESOURCE_EXHAUSTED."""
+    stream_stall_timeout_s: float = Field(default=30.0, gt=0)
+    """A GenerateStream whose client takes no message for this long (its flow-control window
+    stays shut) is ended: its slot and upstream call are freed."""
     max_receive_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     """Largest request message accepted; larger ones get RESOURCE_EXHAUSTED."""
     max_send_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)

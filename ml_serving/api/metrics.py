@@ -38,6 +38,12 @@ class _LiveState(Collector):
         )
         shed.add_metric([], self._gate.shed)
         yield shed
+        stalled = CounterMetricFamily(
+            "mlserving_stalled_streams",
+            "Streams ended because their client took no message for the stall timeout.",
+        )
+        stalled.add_metric([], self._gate.stalled)
+        yield stalled
         if self._models is not None:
             model = self._models.current
             info = GaugeMetricFamily(

@@ -96,6 +96,12 @@ class Gate:
     observers: list[RpcObserver] = field(default_factory=list)
     auth_token: SecretStr | None = None
     """Bearer token every call must carry (security.check_bearer); None turns auth off."""
+    stall_timeout_s: float = 30.0
+    """A stream whose client has not taken a message for this long is ended (`watch_stalls`)."""
+    stalled: int = 0
+    """Streams ended because their client stopped reading."""
+    streams: set[_StreamWrites] = field(default_factory=set)
+    """The server-streaming calls in progress, for `watch_stalls`."""
 
     def admit(self) -> None:
         """Take a slot or raise: UNAVAILABLE while draining, RESOURCE_EXHAUSTED when full."""
@@ -107,6 +113,36 @@ class Gate:
                 f"server is at its concurrency limit ({self.limit}); retry with backoff"
             )
         self.in_flight += 1
+
+
+class _StreamWrites:
+    """When a stream's pending write began (None when none is pending), and the task to end."""
+
+    __slots__ = ("since", "task", "stalled")
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.since: float | None = None
+        self.task = task
+        self.stalled = False
+
+
+async def watch_stalls(gate: Gate) -> None:
+    """End the streams whose client stopped reading (flow-control window at zero): each held a
+    concurrency slot, and an upstream call, until the connection aged out (330 s by default).
+
+    One task for every stream instead of a timer per message (a timeout per write costs more
+    than the write): it looks at each stream's pending write every quarter of the timeout.
+    """
+    while True:
+        await asyncio.sleep(gate.stall_timeout_s / 4)
+        now = time.monotonic()
+        for writes in list(gate.streams):
+            since = writes.since
+            if since is not None and now - since > gate.stall_timeout_s and not writes.stalled:
+                writes.stalled = True
+                gate.stalled += 1
+                if writes.task is not None:
+                    writes.task.cancel()
 
 
 class _RequestIds:
@@ -335,7 +371,8 @@ def unary(handler: UnaryHandler[S, Req, Resp, P]) -> UnaryHandler[S, Req, Resp, 
 
 
 def server_streaming(handler: StreamHandler[S, Req, Resp, P]) -> StreamHandler[S, Req, Resp, P]:
-    """Wrap a server-streaming handler, named as its RPC, the same way as `unary`."""
+    """Wrap a server-streaming handler, named as its RPC, the same way as `unary`; the wrapper
+    writes each message itself, so a client that stops reading is noticed (`watch_stalls`)."""
     method = handler.__name__
 
     @functools.wraps(handler)
@@ -345,28 +382,38 @@ def server_streaming(handler: StreamHandler[S, Req, Resp, P]) -> StreamHandler[S
         context: grpc.aio.ServicerContext[Req, Resp],
         *args: P.args,
         **kwargs: P.kwargs,
-    ) -> AsyncIterator[Resp]:
+    ) -> None:
         call = _Call(self.gate, method, context)
+        writes = _StreamWrites(asyncio.current_task())
+        streams = self.gate.streams
         stream = handler(self, request, context, *args, **kwargs)
         try:
             call.admit(request)
+            streams.add(writes)
             async for message in stream:
-                yield message
-        except (asyncio.CancelledError, GeneratorExit):
-            # GeneratorExit: gRPC dropped this generator (the client cancelled while a
-            # message was being sent) and the event loop is finalising it.
+                writes.since = time.monotonic()
+                await context.write(message)
+                writes.since = None
+        except asyncio.CancelledError:
+            if not writes.stalled:
+                call.finish("CANCELLED")
+                raise
+            # Ended by watch_stalls: the client cannot take a status either (its window is
+            # shut); grpc resets the stream when the connection ages out.
+            call.notes["stalled_s"] = self.gate.stall_timeout_s
             call.finish("CANCELLED")
-            raise
+            return
         except Exception as exc:
             await call.fail(exc)
             return
         finally:
+            streams.discard(writes)
             # Close the handler's stream (and its upstream call) now, not at GC.
             await _aclose(stream)
         call.finish("OK")
 
     setattr(wrapper, _WRAPPED_AS, "server_stream")  # noqa: B010 - read by add_service
-    return wrapper  # type: ignore[return-value]  # functools.wraps loses the generator type
+    return wrapper  # type: ignore[return-value]  # writes itself: grpc awaits it, no generator
 
 
 _METHOD_HANDLERS: Final = {

@@ -105,7 +105,11 @@ async def start(settings: Settings) -> App:
     gateway in the background; readiness turns SERVING once it is warm."""
     prompts = PromptRegistry(default_version=settings.default_prompt_version)
     models = ModelHolder(ModelRegistry(settings.model_root), settings.model_name)
-    gate = rpc.Gate(limit=settings.max_concurrent_rpcs, auth_token=settings.auth_token)
+    gate = rpc.Gate(
+        limit=settings.max_concurrent_rpcs,
+        auth_token=settings.auth_token,
+        stall_timeout_s=settings.stream_stall_timeout_s,
+    )
     generator = Generator(
         prompts,
         default_max_tokens=settings.llm_default_max_tokens,
@@ -139,6 +143,7 @@ async def start(settings: Settings) -> App:
         app.metrics_port = metrics.serve(settings.host, settings.metrics_port)
     app._tasks.append(asyncio.create_task(_warm_up(app), name="llm-warm-up"))
     app._tasks.append(asyncio.create_task(models.watch(settings.model_poll_s), name="model-watch"))
+    app._tasks.append(asyncio.create_task(rpc.watch_stalls(gate), name="stall-watch"))
     logger.info(
         "listening",
         extra={

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 
 
 @dataclass
@@ -87,3 +88,43 @@ def unary_call(
                     done = True
             sock.sendall(conn.data_to_send())
     return reply
+
+
+class StalledStream:
+    """A server-streaming call whose client never reads: its flow-control window is zero, so
+    the server cannot send one byte of a message. Open until `close()` (or the with-block)."""
+
+    def __init__(self, address: tuple[str, int], path: str, payload: bytes) -> None:
+        self._conn = h2.connection.H2Connection(
+            config=h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self._conn.local_settings = h2.settings.Settings(
+            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+        )
+        self._conn.initiate_connection()
+        self._sock = socket.create_connection(address, timeout=10)
+        stream_id = self._conn.get_next_available_stream_id()
+        self._conn.send_headers(
+            stream_id,
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":path", path.encode()),
+                (b":authority", f"{address[0]}:{address[1]}".encode()),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+            ],
+        )
+        self._conn.send_data(
+            stream_id, b"\x00" + struct.pack(">I", len(payload)) + payload, end_stream=True
+        )
+        self._sock.sendall(self._conn.data_to_send())
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> StalledStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
