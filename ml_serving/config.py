@@ -98,6 +98,20 @@ class Settings(BaseSettings):
     """Largest max_tokens a request may ask for."""
     llm_fallback: bool = True
     """When every route fails, answer a curated tip flagged fallback=true (else UNAVAILABLE)."""
+    llm_http_client: str = Field(default="aiohttp", pattern="^(aiohttp|httpx)$")
+    """The pooled HTTP client ("aiohttp" or "httpx") the provider path sends LLM requests on:
+    one per process, sized from max_concurrent_rpcs; aiohttp measured at about half of httpx's
+    CPU per call and a third per streamed chunk (scripts/llm_overhead.py)."""
+    llm_keepalive_s: float = Field(default=30.0, gt=0)
+    """How long an idle upstream connection stays pooled for reuse."""
+    llm_acompletion_routes: str = ""
+    """Comma-separated route aliases to serve through litellm.acompletion instead of the
+    provider path ("*" = all): the escape hatch if a LiteLLM upgrade breaks one family. Routes
+    the provider path cannot serve go through acompletion anyway (logged once at start)."""
+    llm_stream_coalesce_ms: float = Field(default=10.0, ge=0)
+    """GenerateStream sends its first delta at once, then merges the deltas that arrive within
+    this long of the last message into the next one (timer-free); 0 = one message per delta."""
+
 
     default_prompt_version: str = Field(
         default="v1",

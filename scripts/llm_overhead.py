@@ -1,31 +1,41 @@
-"""CPU overhead of our LLM path over a raw HTTP client, against a fake OpenAI upstream.
+"""CPU overhead of our LLM path over raw HTTP clients, against a fake upstream on loopback.
 
 Every client runs in its own worker process, so each one's CPU time is its own (process CPU
 time, all threads, user + sys: LiteLLM does part of every call in a thread pool and its
-success logging in background tasks, and both count). The fake upstream (tests.fake_openai)
-runs in another process, so its CPU is never counted. Workers:
+success logging in background tasks, and both count). The fake upstream (tests.support's
+OpenAI-compatible or Anthropic fake) runs in another process, so its CPU is never counted.
+Workers:
 
-    raw          httpx.AsyncClient: one POST, the JSON parsed (streams: every SSE line parsed)
+    raw          aiohttp.ClientSession: one POST, the JSON parsed (streams: every SSE line
+                 parsed); the reference the targets are ratios to
+    raw_httpx    the same with httpx.AsyncClient
     acompletion  bare litellm.acompletion with the same global LiteLLM settings as the gateway
-    gateway      generation.llm.gateway.LLMGateway (litellm.acompletion inside its own
-                 retry/fallback loop, default router_settings), called with a
-                 deadline-derived timeout_s as Generate passes it (a new value on every call)
-    <name>       one per --baseline-llm FILE (named after the file): the same gateway worker
-                 from another copy of llm.py, for before/after, e.g. the committed one:
-                 `git show HEAD:ml_serving/generation/llm/gateway.py > /tmp/llm_head.py`
+    gateway      generation.llm.gateway.LLMGateway (LiteLLM's provider layer on our pooled
+                 aiohttp client, inside the retry/fallback/cooldown loop, default
+                 router_settings), called with a deadline-derived timeout_s as Generate passes
+                 it (a new value on every call)
+    gateway_httpx  the same gateway on the pooled httpx client (ML_SERVING_LLM_HTTP_CLIENT)
+    <name>       one per --baseline-llm FILE (named after the file): the gateway worker from
+                 another copy of gateway.py, for before/after, e.g. the committed one:
+                 `git show HEAD:ml_serving/generation/llm/gateway.py > /tmp/gateway_head.py`
 
 Each worker makes --warmup calls of each kind first. Then, per round, each worker in turn
 (the order rotates every round) makes --calls unary calls and --streams streamed calls while
 the others wait; the report gives, per worker, the median over the rounds of: CPU ms per unary
-call, wall p50 ms per unary call, CPU ms per stream and per streamed token; and the median over
-the rounds of the same round's difference to the raw client (and to bare acompletion). Several
-interleaved rounds, paired differences and medians, because shared machines are noisy.
+call, wall p50 ms per unary call, CPU ms per stream and per streamed chunk; the median over
+the rounds of the same round's difference to, and ratio to, the raw aiohttp client; and the
+issue's targets (per call <= 1.5 ms and <= 3x raw; per chunk <= 0.25 ms and <= 3x raw) checked
+for the gateway. Several interleaved rounds, paired differences and medians, because shared
+machines are noisy.
 
     .venv/bin/python -m scripts.llm_overhead                  # 9 rounds x (100 unary + 20 streams)
     .venv/bin/python -m scripts.llm_overhead --rounds 7 --json overhead.json
-    .venv/bin/python -m scripts.llm_overhead --baseline-llm /tmp/llm_head.py --count-calls
+    .venv/bin/python -m scripts.llm_overhead --upstream anthropic    # Anthropic's format
+    .venv/bin/python -m scripts.llm_overhead --baseline-llm /tmp/gateway_head.py --count-calls
     .venv/bin/python -m scripts.llm_overhead --model openai/my-vllm-model   # a model LiteLLM
                                                               # has no price for
+    .venv/bin/python -m scripts.llm_overhead --coalesce-ms 0,5,20 --token-delay-ms 3
+                                 # gRPC-free stream coalescing: messages and CPU per stream
 
 --count-calls adds a noise-free complement: Python function calls (all threads) per unary
 call and per streamed token, counted by extra workers after the timed rounds.
@@ -55,6 +65,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "openai/gpt-4o-mini"
 """A model LiteLLM knows (as production routes name them); the fake upstream answers any name.
 --model picks another (every LiteLLM worker uses it)."""
+ANTHROPIC_MODEL = "anthropic/claude-3-5-haiku-20241022"
+"""The default model with --upstream anthropic."""
 API_KEY = "sk-llm-overhead-not-a-real-key"
 MESSAGES = (
     {"role": "system", "content": "You are a concise sleep coach. " * 30},
@@ -63,16 +75,20 @@ MESSAGES = (
 MAX_TOKENS = 64
 MARGIN_S = 0.05
 """Kept back from the deadline, as ML_SERVING_LLM_TIMEOUT_MARGIN_S does."""
-KINDS = ("raw", "acompletion", "gateway", "baseline")
+KINDS = ("raw", "raw_httpx", "acompletion", "gateway", "gateway_httpx", "baseline")
+TARGETS = {"unary_cpu_ms": 1.5, "unary_ratio": 3.0, "chunk_cpu_ms": 0.25, "chunk_ratio": 3.0}
+"""Issue 14's targets for the gateway: absolute CPU and ratio to the raw aiohttp client."""
 
 
 # --- the fake upstream (its own process) ---------------------------------------------------------
 
 
-async def _serve_upstream(tokens: int) -> None:
+async def _serve_upstream(tokens: int, kind: str, token_delay_s: float) -> None:
+    from tests.support.fake_anthropic import FakeAnthropic
     from tests.support.fake_openai import FakeOpenAI
 
-    fake = await FakeOpenAI(tokens=tokens).start()
+    cls = FakeAnthropic if kind == "anthropic" else FakeOpenAI
+    fake = await cls(tokens=tokens, token_delay_s=token_delay_s).start()
     print(fake.port, flush=True)
     # Serve until the parent closes our stdin (or dies).
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -99,27 +115,81 @@ def _load_llm(path: Path | None) -> ModuleType:
     return module
 
 
-def _raw_calls(base: str) -> tuple[Call, Call]:
+def _raw_request(upstream: str, stream: bool) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """Path, body and headers a hand-written client sends, in the upstream's format."""
+    if upstream == "anthropic":
+        body: dict[str, Any] = {
+            "model": "ok",
+            "system": MESSAGES[0]["content"],
+            "messages": [dict(MESSAGES[1])],
+            "max_tokens": MAX_TOKENS,
+        }
+        headers = {"x-api-key": API_KEY, "anthropic-version": "2023-06-01"}
+        if stream:
+            body["stream"] = True
+        return "/v1/messages", body, headers
+    body = {"model": "ok", "messages": list(MESSAGES), "max_tokens": MAX_TOKENS}
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
+    return "/v1/chat/completions", body, {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _delta(upstream: str, chunk: dict[str, Any]) -> bool:
+    """Whether a parsed SSE payload carries text."""
+    if upstream == "anthropic":
+        return chunk.get("type") == "content_block_delta" and bool(chunk["delta"].get("text"))
+    return bool(chunk["choices"] and chunk["choices"][0]["delta"].get("content"))
+
+
+def _raw_calls(origin: str, upstream: str) -> tuple[Call, Call]:
+    import aiohttp
+
+    session = aiohttp.ClientSession()
+    path, body, headers = _raw_request(upstream, False)
+    _, stream_body, _ = _raw_request(upstream, True)
+
+    async def unary() -> int:
+        async with session.post(origin + path, json=body, headers=headers) as response:
+            response.raise_for_status()
+            await response.json()
+        return 1
+
+    async def stream() -> int:
+        deltas = 0
+        async with session.post(origin + path, json=stream_body, headers=headers) as response:
+            response.raise_for_status()
+            async for raw in response.content:
+                line = raw.decode().rstrip("\r\n")
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    if _delta(upstream, json.loads(line[6:])):
+                        deltas += 1
+        return deltas
+
+    return unary, stream
+
+
+def _raw_httpx_calls(origin: str, upstream: str) -> tuple[Call, Call]:
     import httpx
 
     client = httpx.AsyncClient(timeout=30.0)
-    body = {"model": "ok", "messages": list(MESSAGES), "max_tokens": MAX_TOKENS}
+    path, body, headers = _raw_request(upstream, False)
+    _, stream_body, _ = _raw_request(upstream, True)
 
     async def unary() -> int:
-        response = await client.post(f"{base}/chat/completions", json=body)
+        response = await client.post(origin + path, json=body, headers=headers)
         response.raise_for_status()
         response.json()
         return 1
 
     async def stream() -> int:
         deltas = 0
-        payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        async with client.stream("POST", f"{base}/chat/completions", json=payload) as response:
+        async with client.stream(
+            "POST", origin + path, json=stream_body, headers=headers
+        ) as response:
             response.raise_for_status()
             async for line in response.aiter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
-                    chunk = json.loads(line[6:])
-                    if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    if _delta(upstream, json.loads(line[6:])):
                         deltas += 1
         return deltas
 
@@ -127,9 +197,10 @@ def _raw_calls(base: str) -> tuple[Call, Call]:
 
 
 def _acompletion_calls(base: str, model: str) -> tuple[Call, Call]:
-    llm = _load_llm(None)
-    llm._quiet_litellm()  # the same global LiteLLM settings the gateway runs with
-    import litellm
+    # The same global LiteLLM settings the gateway runs with (tuning, applied at import).
+    from ml_serving.generation.llm import provider
+
+    litellm = provider.litellm
 
     common: dict[str, Any] = {
         "model": model,
@@ -161,14 +232,24 @@ def _acompletion_calls(base: str, model: str) -> tuple[Call, Call]:
 
 
 def _gateway_calls(
-    base: str, llm_file: Path | None, deadline_s: float, model: str
+    base: str,
+    llm_file: Path | None,
+    deadline_s: float,
+    model: str,
+    http_client: str = "aiohttp",
+    coalesce_s: float = 0.0,
 ) -> tuple[Call, Call]:
     llm = _load_llm(llm_file)
     route = {"model": model, "api_base": base, "api_key": API_KEY, "timeout": 20}
     routes = llm.RouteConfig(
         model_list=({"model_name": "bench", "litellm_params": route},), router_settings={}
     )
-    gateway = llm.LLMGateway(routes, "bench")
+    if llm_file is None:
+        gateway = llm.LLMGateway(
+            routes, "bench", http_client=http_client, stream_coalesce_s=coalesce_s
+        )
+    else:  # another copy of gateway.py: its own constructor
+        gateway = llm.LLMGateway(routes, "bench")
     loop = asyncio.get_running_loop()
 
     def timeout_s(deadline: float) -> float:
@@ -265,15 +346,27 @@ async def _settle() -> None:
 
 
 async def _worker(
-    kind: str, port: int, warmup: int, llm_file: Path | None, deadline: float, model: str
+    kind: str,
+    port: int,
+    warmup: int,
+    llm_file: Path | None,
+    deadline: float,
+    model: str,
+    upstream: str,
+    coalesce_s: float,
 ) -> None:
-    base = f"http://127.0.0.1:{port}/v1"
+    origin = f"http://127.0.0.1:{port}"
+    base = origin if upstream == "anthropic" else f"{origin}/v1"
     if kind == "raw":
-        unary, stream = _raw_calls(base)
+        unary, stream = _raw_calls(origin, upstream)
+    elif kind == "raw_httpx":
+        unary, stream = _raw_httpx_calls(origin, upstream)
     elif kind == "acompletion":
         unary, stream = _acompletion_calls(base, model)
+    elif kind == "gateway_httpx":
+        unary, stream = _gateway_calls(base, None, deadline, model, "httpx", coalesce_s)
     else:
-        unary, stream = _gateway_calls(base, llm_file, deadline, model)
+        unary, stream = _gateway_calls(base, llm_file, deadline, model, "aiohttp", coalesce_s)
     for _ in range(warmup):
         await unary()
         await stream()
@@ -333,6 +426,7 @@ def _start_worker(
     kind = name if llm is None else "baseline"
     args = ["--worker", kind, "--port", str(port), "--warmup", str(opts.warmup)]
     args += ["--deadline-s", str(opts.deadline_s), "--model", opts.model]
+    args += ["--upstream", opts.upstream, "--coalesce-s", str(opts.coalesce_s)]
     args += ["--count-calls"] if count else []
     if llm is not None:
         args += ["--llm-file", str(llm)]
@@ -352,6 +446,11 @@ def _paired(a: list[dict[str, float]], b: list[dict[str, float]], key: str, per:
     return statistics.median((x[key] - y[key]) / per for x, y in zip(a, b, strict=True))
 
 
+def _ratio(a: list[dict[str, float]], b: list[dict[str, float]], key: str) -> float:
+    """Median over rounds of a / b (per stream: the same tokens, so per chunk too)."""
+    return statistics.median(x[key] / y[key] for x, y in zip(a, b, strict=True))
+
+
 def _summary(workers: Sequence[Worker]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     raw = next(w for w in workers if w.kind == "raw").results
@@ -368,6 +467,8 @@ def _summary(workers: Sequence[Worker]) -> dict[str, dict[str, float]]:
             "cpu_ms_per_token": _median(stream, "cpu_ms") / tokens,
             "calls_per_cpu_second": 1e3 / _median(unary, "cpu_ms"),
             "unary_cpu_over_raw_ms": _paired(unary, raw["unary"], "cpu_ms", 1),
+            "unary_cpu_ratio_to_raw": _ratio(unary, raw["unary"], "cpu_ms"),
+            "token_cpu_ratio_to_raw": _ratio(stream, raw["stream"], "cpu_ms"),
             "unary_wall_p50_over_raw_ms": _paired(unary, raw["unary"], "wall_p50_ms", 1),
             "token_cpu_over_raw_ms": _paired(stream, raw["stream"], "cpu_ms", tokens),
             "unary_cpu_over_acompletion_ms": _paired(unary, bare["unary"], "cpu_ms", 1),
@@ -390,17 +491,36 @@ def _print(summary: Mapping[str, Mapping[str, float]], opts: argparse.Namespace)
         ("stream CPU ms", "stream_cpu_ms", 14),
         ("ms/token", "cpu_ms_per_token", 9),
         ("- raw", "token_cpu_over_raw_ms", 8),
+        ("call/raw", "unary_cpu_ratio_to_raw", 9),
+        ("chunk/raw", "token_cpu_ratio_to_raw", 10),
     )
     print(f"{'worker':12s}" + "".join(f"{name:>{width}s}" for name, _, width in cols))
     for kind, row in summary.items():
         print(f"{kind:12s}" + "".join(f"{row[key]:>{width}.2f}" for _, key, width in cols))
     print()
     for name, row in summary.items():
-        if name not in ("raw", "acompletion"):
+        if name not in ("raw", "raw_httpx", "acompletion"):
             print(
                 f"{name} - bare litellm.acompletion: {row['unary_cpu_over_acompletion_ms']:+.2f} "
                 f"ms CPU per unary call, {row['token_cpu_over_acompletion_ms']:+.3f} per token"
             )
+    for name in ("gateway", "gateway_httpx"):
+        if name in summary:
+            print(f"{name} against issue 14's targets: " + "; ".join(_verdicts(summary[name])))
+
+
+def _verdicts(row: Mapping[str, float]) -> list[str]:
+    checks = (
+        ("CPU per call", row["unary_cpu_ms"], TARGETS["unary_cpu_ms"], "ms"),
+        ("call / raw", row["unary_cpu_ratio_to_raw"], TARGETS["unary_ratio"], "x"),
+        ("CPU per chunk", row["cpu_ms_per_token"], TARGETS["chunk_cpu_ms"], "ms"),
+        ("chunk / raw", row["token_cpu_ratio_to_raw"], TARGETS["chunk_ratio"], "x"),
+    )
+    return [
+        f"{name} {value:.3f} {unit} {'<=' if value <= limit else '>'} {limit} "
+        f"({'PASS' if value <= limit else 'FAIL'})"
+        for name, value, limit, unit in checks
+    ]
 
 
 def _count_calls(
@@ -439,7 +559,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=20, help="calls of each kind first")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per fake completion")
     parser.add_argument("--deadline-s", type=float, default=10.0, help="the simulated deadline")
-    parser.add_argument("--model", default=MODEL, help="the route's model string")
+    parser.add_argument("--model", help=f"the route's model string (default {MODEL})")
+    parser.add_argument(
+        "--upstream", choices=("openai", "anthropic"), default="openai",
+        help="the fake upstream's format (anthropic: the model defaults to an anthropic/ one)",
+    )  # fmt: skip
+    parser.add_argument("--coalesce-s", type=float, default=0.0, help="the gateway's window")
     parser.add_argument(
         "--baseline-llm", type=Path, action="append", default=[],
         help="another llm.py to measure as well (repeatable)",
@@ -454,10 +579,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--llm-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--token-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
+    opts.model = opts.model or (ANTHROPIC_MODEL if opts.upstream == "anthropic" else MODEL)
 
     if opts.serve_upstream:
-        asyncio.run(_serve_upstream(opts.tokens))
+        asyncio.run(_serve_upstream(opts.tokens, opts.upstream, opts.token_delay_s))
         return
     if opts.worker:
         if opts.count_calls:
@@ -465,20 +592,27 @@ def main(argv: Sequence[str] | None = None) -> None:
             _counter = _CallCounter()
             _counter.install()
         asyncio.run(
-            _worker(opts.worker, opts.port, opts.warmup, opts.llm_file, opts.deadline_s, opts.model)
-        )
+            _worker(
+                opts.worker, opts.port, opts.warmup, opts.llm_file, opts.deadline_s, opts.model,
+                opts.upstream, opts.coalesce_s,
+            )
+        )  # fmt: skip
         return
 
     up_log = tempfile.NamedTemporaryFile("w+", prefix="llm_overhead_upstream_", suffix=".log")
-    upstream = _spawn(["--serve-upstream", "--tokens", str(opts.tokens)], up_log)
+    upstream = _spawn(
+        ["--serve-upstream", "--tokens", str(opts.tokens), "--upstream", opts.upstream], up_log
+    )
     workers: list[Worker] = []
     try:
         assert upstream.stdout is not None
         port = int(upstream.stdout.readline())
-        named: dict[str, Path | None] = {"raw": None, "acompletion": None, "gateway": None}
+        named: dict[str, Path | None] = {
+            kind: None for kind in ("raw", "raw_httpx", "acompletion", "gateway", "gateway_httpx")
+        }
         named.update({path.stem: path for path in opts.baseline_llm})
-        if len(named) != 3 + len(opts.baseline_llm):
-            raise SystemExit("--baseline-llm files need distinct names, other than raw/gateway")
+        if len(named) != 5 + len(opts.baseline_llm):
+            raise SystemExit("--baseline-llm files need distinct names, other than the workers'")
         print(f"fake upstream on 127.0.0.1:{port}; starting workers: {', '.join(named)}")
         workers = [_start_worker(name, port, opts, llm) for name, llm in named.items()]
         for r in range(opts.rounds):

@@ -105,6 +105,13 @@ class Metrics:
             ["model", "reason"],
             registry=self.registry,
         )
+        self.llm_cooldowns = Counter(
+            "mlserving_llm_cooldowns",
+            "LLM deployments benched for cooldown_time after more than allowed_fails failures "
+            "in a minute.",
+            ["model"],
+            registry=self.registry,
+        )
         self.registry.register(_LiveState(gate, models))
         # labels() costs microseconds per call; Score runs thousands of times a second, so the
         # per-method children are looked up once and kept.
@@ -159,6 +166,10 @@ class Metrics:
             return
         self.llm_tokens.labels(model, "prompt").inc(prompt_tokens)
         self.llm_tokens.labels(model, "completion").inc(completion_tokens)
+
+    def llm_cooldown(self, model: str, seconds: float) -> None:
+        """Count an LLM deployment benched for `seconds` (LLMGateway's on_cooldown)."""
+        self.llm_cooldowns.labels(model).inc()
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics on host:port in a background thread; returns the bound port."""

@@ -36,8 +36,17 @@ class FakeOpenAI:
     cancelled: int = 0
     completed: int = 0
     seen_auth: list[str] = field(default_factory=list)
+    seen_bodies: list[dict[str, Any]] = field(default_factory=list)
+    """Every request body received, in order (parity tests compare what two clients sent)."""
+    seen_headers: list[dict[str, str]] = field(default_factory=list)
+    """Every request's headers, lower-cased names."""
     _runner: web.AppRunner | None = None
     port: int = 0
+
+    path = "/v1/chat/completions"
+    """Where the fake answers (a class attribute: other formats' fakes serve elsewhere)."""
+    auth_header = "Authorization"
+    """The request header recorded in seen_auth."""
 
     @property
     def base_url(self) -> str:
@@ -46,7 +55,7 @@ class FakeOpenAI:
 
     async def start(self) -> FakeOpenAI:
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post(self.path, self._chat)
         # handler_cancellation: a client that hangs up cancels the handler, as real servers notice.
         self._runner = web.AppRunner(
             app, handle_signals=False, access_log=None, handler_cancellation=True
@@ -64,9 +73,11 @@ class FakeOpenAI:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         self.in_progress += 1
-        self.seen_auth.append(request.headers.get("Authorization", ""))
+        self.seen_auth.append(request.headers.get(self.auth_header, ""))
+        self.seen_headers.append({k.lower(): v for k, v in request.headers.items()})
         try:
             body = await request.json()
+            self.seen_bodies.append(body)
             response = await self._answer(request, body)
             self.completed += 1
             return response

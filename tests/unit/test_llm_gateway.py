@@ -1,8 +1,10 @@
-"""LLMGateway's own retry and fallback loop, through LiteLLM's real HTTP path to a fake upstream."""
+"""LLMGateway's retry and fallback loop, stream coalescing and escape hatch, over real HTTP to a
+fake upstream (the provider path, unless a test asks for litellm.acompletion)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -44,14 +46,27 @@ async def fake() -> AsyncIterator[FakeOpenAI]:
 @pytest.fixture
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Retries without LiteLLM's 0.5 s+ backoff; records what each sleep was computed from."""
+    from ml_serving.generation.llm import provider
+
     asked: list[dict[str, Any]] = []
 
     def backoff(**kwargs: Any) -> float:
         asked.append(kwargs)
         return 0.01
 
-    monkeypatch.setattr(llm_module().litellm, "calculate_retry_after", backoff)
+    monkeypatch.setattr(provider, "calculate_retry_after", backoff)
     return asked
+
+
+_made: list[LLMGateway] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_gateways() -> AsyncIterator[None]:
+    """Every gateway a test makes closes its pooled HTTP client afterwards."""
+    yield
+    while _made:
+        await _made.pop().aclose()
 
 
 def gateway(
@@ -59,7 +74,11 @@ def gateway(
 ) -> LLMGateway:
     llm = llm_module()
     config = llm.load_routes(write_llm_config(tmp_path / "llm.yaml", fake, models, **settings))
-    gw: LLMGateway = llm.LLMGateway(config, alias)
+    return made(llm.LLMGateway(config, alias, stream_coalesce_s=0.0))
+
+
+def made(gw: LLMGateway) -> LLMGateway:
+    _made.append(gw)
     return gw
 
 
@@ -167,7 +186,7 @@ async def test_an_alias_with_several_deployments_retries_on_another_one(
     llm = llm_module()
     config = llm.load_routes(write_llm_config(tmp_path / "llm.yaml", fake, ["status-500", "ok"]))
     entries = tuple({**e, "model_name": "pool"} for e in config.model_list)
-    gw = llm.LLMGateway(llm.RouteConfig(entries, {"num_retries": 1}), "pool")
+    gw = made(llm.LLMGateway(llm.RouteConfig(entries, {"num_retries": 1}), "pool"))
     for _ in range(6):
         assert (await complete(gw)).model == "openai/ok"
     assert not no_backoff  # the next deployment is tried at once
@@ -186,7 +205,9 @@ async def test_a_stream_failing_before_its_first_chunk_fails_its_try(
 async def test_backoff_never_sleeps_past_the_deadline(
     tmp_path: Path, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(llm_module().litellm, "calculate_retry_after", lambda **_: 5.0)
+    from ml_serving.generation.llm import provider
+
+    monkeypatch.setattr(provider, "calculate_retry_after", lambda **_: 5.0)
     gw = gateway(
         tmp_path, fake, ["status-500", "ok"], "status-500",
         num_retries=3, fallbacks=[{"status-500": ["ok"]}],
@@ -209,8 +230,10 @@ async def test_each_try_is_bounded_by_its_deployment_timeout(
     entries = tuple(
         {**e, "litellm_params": {**e["litellm_params"], "timeout": 0.5}} for e in config.model_list
     )
-    gw = llm.LLMGateway(
-        llm.RouteConfig(entries, {"num_retries": 1, "fallbacks": [{"slow": ["ok"]}]}), "slow"
+    gw = made(
+        llm.LLMGateway(
+            llm.RouteConfig(entries, {"num_retries": 1, "fallbacks": [{"slow": ["ok"]}]}), "slow"
+        )
     )
     started = time.perf_counter()
     assert (await complete(gw, timeout_s=10.0)).model == "openai/ok"
@@ -238,6 +261,9 @@ async def test_the_deadline_bounds_every_try_and_cancels_the_upstream(
         ({"fallbacks": {"status-500": ["ok"]}}, "must be a list"),
         ({"num_retries": -1}, "num_retries"),
         ({"timeout": 0}, "timeout"),
+        ({"allowed_fails": -1}, "allowed_fails"),
+        ({"cooldown_time": "5s"}, "cooldown_time"),
+        ({"disable_cooldowns": "yes"}, "disable_cooldowns"),
     ],
 )
 def test_router_settings_the_loop_cannot_honour_are_refused(
@@ -247,41 +273,101 @@ def test_router_settings_the_loop_cannot_honour_are_refused(
         gateway(tmp_path, fake, ["status-500", "ok"], "status-500", **settings)
 
 
-def test_cooldown_settings_are_accepted(tmp_path: Path, fake: FakeOpenAI) -> None:
-    gw = gateway(
-        tmp_path, fake, ["ok"], "ok", disable_cooldowns=False, allowed_fails=3, cooldown_time=5
+async def deltas_of(gw: LLMGateway) -> tuple[list[str], Completion]:
+    parts: list[str] = []
+    async for event in gw.stream(
+        MESSAGES, max_tokens=16, temperature=None, timeout_s=10, offline_text=""
+    ):
+        if isinstance(event, str):
+            parts.append(event)
+        else:
+            return parts, event
+    raise AssertionError("the stream ended without its Completion")
+
+
+async def test_without_a_coalescing_window_each_delta_is_its_own_message(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    gw = gateway(tmp_path, fake, ["ok"], "ok")  # stream_coalesce_s=0
+    parts, end = await deltas_of(gw)
+    assert parts == [WORDS[0], *(" " + w for w in WORDS[1:6])]
+    assert end.completion_tokens == 6
+
+
+async def test_coalescing_sends_the_first_delta_at_once_and_merges_what_follows(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    llm = llm_module()
+    config = llm.load_routes(write_llm_config(tmp_path / "llm.yaml", fake, ["ok"]))
+    # A window longer than the stream: everything after the first delta waits for the end.
+    gw = made(llm.LLMGateway(config, "ok", stream_coalesce_s=3600.0))
+    parts, end = await deltas_of(gw)
+    assert parts == [WORDS[0], "".join(" " + w for w in WORDS[1:6])]
+    assert (end.completion_tokens, end.finish_reason) == (6, "stop")
+
+
+async def test_a_route_can_be_forced_through_acompletion(
+    tmp_path: Path, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    llm = llm_module()
+    config = llm.load_routes(write_llm_config(tmp_path / "llm.yaml", fake, ["ok", "status-500"]))
+    with caplog.at_level(logging.INFO, logger="ml_serving.generation.llm.gateway"):
+        gw = made(llm.LLMGateway(config, "ok", acompletion_routes=["ok"]))
+    assert gw.path_of("ok") == ["acompletion"] and gw.path_of("status-500") == ["provider"]
+    logged = [
+        r for r in caplog.records if r.getMessage() == "LLM route through litellm.acompletion"
+    ]
+    assert [getattr(r, "llm_deployment", None) for r in logged] == ["ok#0"]  # once, at start
+    assert (await complete(gw)).text == " ".join(WORDS[:6])
+    assert fake.seen_headers[-1]["user-agent"].startswith("AsyncOpenAI")  # LiteLLM's own path
+    everything = made(llm.LLMGateway(config, "ok", acompletion_routes=["*"]))
+    assert everything.path_of("status-500") == ["acompletion"]
+    with pytest.raises(ValueError, match="unknown aliases: nope"):
+        llm.LLMGateway(config, "ok", acompletion_routes=["nope"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"api_version": "2024-06-01"}, "route params the provider path does not cover"),
+        ({"model": "bedrock/anthropic.claude-v2"}, "no parity test"),
+    ],
+)
+def test_routes_the_provider_path_cannot_serve_use_acompletion(
+    tmp_path: Path, fake: FakeOpenAI, extra: dict[str, Any], reason: str
+) -> None:
+    llm = llm_module()
+    config = llm.load_routes(write_llm_config(tmp_path / "llm.yaml", fake, ["ok"]))
+    entry = config.model_list[0]
+    entries = ({**entry, "litellm_params": {**entry["litellm_params"], **extra}},)
+    gw = made(llm.LLMGateway(llm.RouteConfig(entries, {}), "ok"))
+    assert gw.path_of("ok") == ["acompletion"]
+    assert reason in getattr(gw.deployments()[0].route, "reason", "")
+
+
+async def test_the_offline_route_needs_no_network() -> None:
+    llm = llm_module()
+    gw = made(llm.LLMGateway(llm.offline_routes()))
+    assert gw.path_of(llm.OFFLINE_ALIAS) == ["acompletion"]
+    await gw.warm_up()
+    reply = await gw.complete(
+        MESSAGES, max_tokens=16, temperature=None, timeout_s=None, offline_text="Rest well."
     )
-    assert gw.route_model == "openai/ok"
-
-
-def test_openai_sdk_config_check_is_replaced_by_an_equivalent_fast_one() -> None:
-    import typing_extensions
-    from openai import _models
-    from openai.types.chat import ChatCompletionChunk
-
-    from ml_serving.generation.llm import gateway as llm
-
-    llm._speed_up_openai_models()
-    assert getattr(_models, "_ConfigProtocol") is llm._FastConfigCheck  # noqa: B009
-
-    @typing_extensions.runtime_checkable
-    class Original(typing_extensions.Protocol):  # the SDK's protocol, as it is declared
-        allow_population_by_field_name: bool
-
-    class V1Config:
-        allow_population_by_field_name = True
-
-    configs: tuple[object, ...] = (ChatCompletionChunk.model_config, {}, V1Config(), V1Config, 3)
-    for config in configs:
-        assert isinstance(config, llm._FastConfigCheck) == isinstance(config, Original)
-    chunk: Any = _models.construct_type(
-        value={
-            "id": "c1",
-            "object": "chat.completion.chunk",
-            "created": 1,
-            "model": "m",
-            "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}],
-        },
-        type_=ChatCompletionChunk,
+    assert (reply.text, reply.model, reply.finish_reason) == (
+        "Rest well.",
+        llm.OFFLINE_MODEL,
+        "stop",
     )
-    assert chunk.choices[0].delta.content == "hi"
+
+
+async def test_an_abandoned_stream_closes_its_upstream_request_at_once(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    fake.token_delay_s = 0.2
+    gw = gateway(tmp_path, fake, ["ok"], "ok")
+    events = gw.stream(MESSAGES, max_tokens=16, temperature=None, timeout_s=10, offline_text="")
+    assert isinstance(await anext(events), str)
+    await events.aclose()  # the RPC went away
+    async with asyncio.timeout(5):
+        while not (fake.cancelled == 1 and fake.in_progress == 0):
+            await asyncio.sleep(0.02)

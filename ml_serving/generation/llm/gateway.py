@@ -1,35 +1,26 @@
-"""LiteLLM gateway: calls over the configured routes, the offline provider, and error mapping.
+"""LLMGateway: Generate's door to LLMs, with the Router's retries, fallbacks and cooldowns.
 
-This is the only module that imports litellm. Importing it takes seconds, so the server imports
-this module in a worker thread after it starts listening, and reports readiness only once
+Importing this module imports litellm (through provider.py), which takes seconds, so the
+server imports it in a worker thread after it starts listening, and reports readiness only once
 `LLMGateway.warm_up` has run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
-import os
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Before the import: by default litellm fetches a price map over the network at import time,
-# and retries from a background thread when there is no network.
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-
-import litellm  # noqa: E402
-from litellm import CustomLLM  # noqa: E402
-from litellm import exceptions as llm_errors  # noqa: E402
-from litellm.secret_managers.main import get_secret_str  # noqa: E402
-from litellm.types.utils import GenericStreamingChunk, ModelResponse  # noqa: E402
-
-from ml_serving import errors  # noqa: E402
-from ml_serving.generation.llm.routes import (  # noqa: E402
+from ml_serving.generation.llm import exceptions, offline, provider, transport
+from ml_serving.generation.llm.cooldowns import Cooldowns, OnCooldown
+from ml_serving.generation.llm.exceptions import NoRouteAvailable
+from ml_serving.generation.llm.provider import AcompletionRoute, ProviderRoute
+from ml_serving.generation.llm.routes import (
     OFFLINE_ALIAS,
     OFFLINE_MODEL,
     OFFLINE_PROVIDER,
@@ -52,8 +43,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEY = "mlserving_offline_tip"
-"""Metadata key carrying the offline provider's pre-composed tip (set by the caller)."""
+METADATA_KEY = offline.METADATA_KEY
 
 
 @dataclass(frozen=True)
@@ -68,204 +58,75 @@ class Completion:
     """"stop", "length", "content_filter" or "" when the provider did not say."""
 
 
-class OfflineTipComposer(CustomLLM):  # type: ignore[misc]
-    """A LiteLLM custom provider that needs no network: it returns the tip the caller composed
-    deterministically from the prompt context (metadata), so every RPC works on a fresh machine.
-    """
-
-    async def acompletion(self, *args: Any, **kwargs: Any) -> ModelResponse:
-        text = _offline_text(kwargs)
-        prompt_tokens, completion_tokens = _offline_usage(kwargs, text)
-        return ModelResponse(
-            model=OFFLINE_MODEL,
-            choices=[
-                {
-                    "index": 0,
-                    "finish_reason": "stop",
-                    "message": {"role": "assistant", "content": text},
-                }
-            ],
-            usage={
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        )
-
-    async def astreaming(self, *args: Any, **kwargs: Any) -> AsyncIterator[GenericStreamingChunk]:
-        text = _offline_text(kwargs)
-        prompt_tokens, completion_tokens = _offline_usage(kwargs, text)
-        words = text.split(" ")
-        for i, word in enumerate(words):
-            last = i == len(words) - 1
-            yield GenericStreamingChunk(
-                text=word if i == 0 else " " + word,
-                is_finished=last,
-                finish_reason="stop" if last else "",
-                usage={
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                }
-                if last
-                else None,
-                index=0,
-                tool_use=None,
-            )
-
-
-def _offline_text(kwargs: Mapping[str, Any]) -> str:
-    metadata = (kwargs.get("litellm_params") or {}).get("metadata") or {}
-    text = metadata.get(METADATA_KEY)
-    if not isinstance(text, str) or not text:
-        # Called without our metadata (e.g. a warm-up): still deterministic, from the prompt.
-        digest = hashlib.sha256(repr(kwargs.get("messages")).encode()).hexdigest()[:8]
-        text = f"Pick one small step you can finish in five minutes today ({digest})."
-    max_tokens = (kwargs.get("optional_params") or {}).get("max_tokens")
-    if isinstance(max_tokens, int) and max_tokens > 0:
-        text = " ".join(text.split(" ")[:max_tokens])
-    return text
-
-
-def _offline_usage(kwargs: Mapping[str, Any], text: str) -> tuple[int, int]:
-    """Word counts stand in for tokens: the offline route has no tokenizer, and says so."""
-    messages = kwargs.get("messages") or []
-    prompt_words = sum(len(str(m.get("content", "")).split()) for m in messages)
-    return prompt_words, len(text.split())
-
-
-_offline_handler = OfflineTipComposer()
-
-
-def _register_offline_provider() -> None:
-    entry = {"provider": OFFLINE_PROVIDER, "custom_handler": _offline_handler}
-    if entry not in litellm.custom_provider_map:
-        litellm.custom_provider_map = [*litellm.custom_provider_map, entry]
-
-
-def _quiet_litellm() -> None:
-    """Turn off per-call work we do not use: telemetry, debug info, message redaction.
-
-    LiteLLM also installs its own plain-text stderr handlers and logs every call at INFO:
-    drop them so its warnings reach our JSON handler once, and keep INFO out of production.
-    """
-    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
-        litellm_logger = logging.getLogger(name)
-        litellm_logger.handlers.clear()
-        litellm_logger.propagate = True
-        litellm_logger.setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
-    litellm.telemetry = False
-    litellm.suppress_debug_info = True
-    # No logging callback is registered, so nothing is logged; True only deep-copies responses.
-    litellm.turn_off_message_logging = False
-    _speed_up_openai_models()
-
-
-class _HasPopulationFlag(type):
-    """isinstance(x, C) for C of this metaclass: x has `allow_population_by_field_name`."""
-
-    def __instancecheck__(cls, instance: object) -> bool:
-        return hasattr(instance, "allow_population_by_field_name")
-
-
-class _FastConfigCheck(metaclass=_HasPopulationFlag):
-    """Stands in for the OpenAI SDK's runtime-checkable `_ConfigProtocol` (same answer)."""
-
-
-def _speed_up_openai_models() -> None:
-    """Give the OpenAI SDK a fast `isinstance(config, _ConfigProtocol)`.
-
-    LiteLLM's OpenAI path parses every streamed chunk with the SDK's `BaseModel.construct`, which
-    asks that isinstance for each model it builds (several per chunk). On a runtime-checkable
-    Protocol the check walks the class's MRO with inspect.getattr_static: measured at 15% of the
-    server's CPU while relaying 1,000 streams. A protocol with one attribute is an attribute
-    check (what typing does, slowly), so the stand-in gives the same answer for any object.
-    Skipped when the SDK no longer has that name.
-    """
-    try:
-        from openai import _models
-    except ImportError:  # pragma: no cover - litellm depends on openai
-        return
-    if isinstance(getattr(_models, "_ConfigProtocol", None), type):
-        setattr(_models, "_ConfigProtocol", _FastConfigCheck)  # noqa: B010 - a private name
-
-
 @dataclass(frozen=True)
 class _Deployment:
-    """One model_list entry, ready to call: its litellm_params with `os.environ/NAME` resolved."""
+    """One model_list entry, ready to call."""
 
+    key: str
+    """"alias#index": what cooldowns count by."""
     model: str
-    params: Mapping[str, Any]
-    """litellm_params less the timeout and the Router-only keys (weight, rpm, ...)."""
+    route: ProviderRoute | AcompletionRoute
     timeout_s: float
     weight: float
 
 
-def _deployment(entry: Mapping[str, Any], default_timeout_s: float) -> _Deployment:
+def _deployment(
+    key: str, entry: Mapping[str, Any], default_timeout_s: float, *, force_acompletion: bool
+) -> _Deployment:
     params: dict[str, Any] = {}
-    for key, value in entry["litellm_params"].items():
+    for name, value in entry["litellm_params"].items():
         if isinstance(value, str) and value.startswith("os.environ/"):
             # LiteLLM's own reading of the reference (the Router's, too): once, at start.
-            value = get_secret_str(value)
-        params[key] = value
+            value = provider.get_secret_str(value)
+        params[name] = value
     # Retries are the loop's (num_retries), as under the Router: the OpenAI SDK's own (2 by
-    # default) only where the route asks for them.
+    # default, on the acompletion path) only where the route asks for them.
     params.setdefault("max_retries", 0)
     timeout = params.pop("timeout", None)
     weight = params.get("weight", 1)
-    for key in ROUTER_ONLY_PARAMS:
-        params.pop(key, None)
+    for name in ROUTER_ONLY_PARAMS:
+        params.pop(name, None)
     timeout_s = float(timeout) if isinstance(timeout, int | float) and timeout > 0 else None
     return _Deployment(
+        key=key,
         model=str(params["model"]),
-        params=params,
+        route=provider.resolve(params, force_acompletion=force_acompletion),
         timeout_s=timeout_s or default_timeout_s,
         weight=float(weight) if isinstance(weight, int | float) and weight > 0 else 1.0,
     )
 
 
-def _fallback_kind(exc: BaseException) -> str:
-    """Which router_settings fallback list applies to a failure (see RetryPlan.fallbacks_for)."""
-    if isinstance(exc, llm_errors.ContextWindowExceededError):
-        return "context_window"
-    if isinstance(exc, llm_errors.ContentPolicyViolationError):
-        return "content_policy"
-    return ""
+class _Stream:
+    """An open upstream stream: its parsed chunks, the first already read, and how to close."""
 
+    def __init__(
+        self,
+        chunks: AsyncIterator[Any],
+        first: Any,
+        close: Callable[[], Any],
+        route: ProviderRoute | AcompletionRoute,
+    ) -> None:
+        self.chunks = chunks
+        self.first = first
+        self._close = close
+        self.route = route
 
-def _retryable(exc: BaseException) -> bool:
-    """Whether another try on the same alias may succeed: the Router's rule (429, 408, 5xx,
-    connection errors and timeouts are; 400, 401, 403, 404, 422 are not)."""
-    if isinstance(exc, _NOT_RETRYABLE) and not isinstance(exc, _RETRYABLE):
-        return False
-    if isinstance(exc, _RETRYABLE):
-        return True
-    status = getattr(exc, "status_code", None)
-    return isinstance(status, int) and (status >= 500 or status in (408, 409, 429))
-
-
-_RETRYABLE = (
-    llm_errors.RateLimitError,
-    llm_errors.APIConnectionError,  # includes llm_errors.Timeout
-    llm_errors.Timeout,
-    llm_errors.InternalServerError,
-    llm_errors.ServiceUnavailableError,
-    llm_errors.BadGatewayError,
-    llm_errors.APIError,
-    llm_errors.APIResponseValidationError,
-)
-_NOT_RETRYABLE = (
-    llm_errors.BadRequestError,
-    llm_errors.UnprocessableEntityError,
-    llm_errors.AuthenticationError,
-    llm_errors.PermissionDeniedError,
-    llm_errors.NotFoundError,
-)
+    async def aclose(self) -> None:
+        """Close now, not when garbage collected: an abandoned stream frees its connection."""
+        aclose = getattr(self.chunks, "aclose", None)
+        try:
+            if aclose is not None:
+                await aclose()
+        finally:
+            result = self._close()
+            if asyncio.iscoroutine(result):
+                await result
 
 
 class LLMGateway:
-    """Generate's only door to LLMs: litellm.acompletion over the configured routes, with the
-    Router's retries and fallbacks done by a small loop of our own.
+    """Generate's only door to LLMs: each route through LiteLLM's provider layer on one pooled
+    HTTP client (or litellm.acompletion, for a route that path cannot serve), with the
+    Router's retries, fallbacks and cooldowns done by a small loop of our own.
 
     Why not litellm.Router: it costs ~1,100 Python calls (~3 ms of CPU) per call over
     litellm.acompletion, whatever its settings, and we use a sliver of it. The loop keeps the
@@ -274,50 +135,116 @@ class LLMGateway:
     retryable error (429, 408, 5xx, connection errors, timeouts; never 400/401/403/404/422);
     then `fallbacks` (or `context_window_fallbacks` / `content_policy_fallbacks` for those
     errors), each fallback alias with its own retries, not chained; if all fail, the first
-    alias's error. Between tries of one deployment it sleeps LiteLLM's backoff (Retry-After,
-    else exponential from 0.5 s with jitter, at least `retry_after`), but never past the
-    deadline: a sleep that would outlast it moves on to the fallbacks at once. Each try's
-    timeout is the smaller of the deployment's `timeout` (else router_settings.timeout) and
-    the time left to the deadline.
+    alias's error. A deployment failing more than `allowed_fails` times in a minute (429, 401,
+    404, 408, 5xx) is skipped for `cooldown_time` seconds (unless `disable_cooldowns`); an
+    alias whose deployments are all cooling down goes straight to its fallbacks. Between tries
+    of one deployment it sleeps LiteLLM's backoff (Retry-After, else exponential from 0.5 s
+    with jitter, at least `retry_after`), but never past the deadline: a sleep that would
+    outlast it moves on to the fallbacks at once. Each try's timeout is the smaller of the
+    deployment's `timeout` (else router_settings.timeout) and the time left to the deadline;
+    for a stream it bounds the wait for the first chunk, and the deadline the whole stream.
 
-    What changed from the Router: no cooldowns (a failing deployment is not benched: each
-    call tries it again; disable_cooldowns/allowed_fails/cooldown_time are accepted and
-    ignored), no rpm/tpm routing, and other router_settings are refused at start.
+    Not kept from the Router: rpm/tpm routing; other router_settings are refused at start.
     """
 
-    def __init__(self, routes: RouteConfig, alias: str | None = None) -> None:
-        _quiet_litellm()
-        _register_offline_provider()
+    def __init__(
+        self,
+        routes: RouteConfig,
+        alias: str | None = None,
+        *,
+        http_client: str = "aiohttp",
+        max_connections: int = 1000,
+        keepalive_s: float = 30.0,
+        acompletion_routes: Collection[str] = (),
+        stream_coalesce_s: float = 0.0,
+        on_cooldown: OnCooldown | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        offline.register()
         if alias is not None and alias not in routes.aliases:
             raise ValueError(
                 f"ML_SERVING_LLM_MODEL={alias!r} is not a route alias; "
                 f"known: {', '.join(routes.aliases)}"
             )
+        unknown = set(acompletion_routes) - set(routes.aliases) - {"*"}
+        if unknown:
+            raise ValueError(
+                f"ML_SERVING_LLM_ACOMPLETION_ROUTES names unknown aliases: "
+                f"{', '.join(sorted(unknown))}; known: {', '.join(routes.aliases)}"
+            )
         self.alias = alias or routes.aliases[0]
         self._plan = RetryPlan.from_settings(routes.router_settings, routes.aliases)
         groups: dict[str, list[_Deployment]] = {}
         for entry in routes.model_list:
-            groups.setdefault(entry["model_name"], []).append(
-                _deployment(entry, self._plan.timeout_s)
+            name = entry["model_name"]
+            group = groups.setdefault(name, [])
+            forced = "*" in acompletion_routes or name in acompletion_routes
+            group.append(
+                _deployment(
+                    f"{name}#{len(group)}", entry, self._plan.timeout_s, force_acompletion=forced
+                )
             )
         self._groups = {name: tuple(deployments) for name, deployments in groups.items()}
-        _register_unpriced_models(d.model for ds in self._groups.values() for d in ds)
+        for deployment in self.deployments():
+            if isinstance(deployment.route, AcompletionRoute):
+                logger.info(
+                    "LLM route through litellm.acompletion",
+                    extra={"llm_deployment": deployment.key, "reason": deployment.route.reason},
+                )
+        provider.price_unknown_models(
+            [d.model for d in self.deployments() if not d.model.startswith(f"{OFFLINE_PROVIDER}/")]
+        )
+        self._http = transport.make_client(
+            http_client, max_connections=max_connections, keepalive_s=keepalive_s
+        )
+        self._coalesce_s = max(0.0, stream_coalesce_s)
+        self.cooldowns = Cooldowns(
+            allowed_fails=self._plan.allowed_fails,
+            cooldown_time_s=self._plan.cooldown_time_s,
+            disabled=self._plan.disable_cooldowns,
+            on_cooldown=on_cooldown,
+            clock=clock,
+        )
 
     @property
     def route_model(self) -> str:
         """The configured model string of the route Generate uses (a metrics label)."""
         return self._groups[self.alias][0].model
 
+    def deployments(self) -> list[_Deployment]:
+        """Every deployment, in config order."""
+        return [d for group in self._groups.values() for d in group]
+
+    def path_of(self, alias: str) -> list[str]:
+        """The path ("provider" or "acompletion") of each deployment of `alias`."""
+        return [
+            "provider" if isinstance(d.route, ProviderRoute) else "acompletion"
+            for d in self._groups[alias]
+        ]
+
     async def warm_up(self) -> None:
-        """Exercise the call path once without network (mock response), so the first real
-        request does not pay for lazy imports and client set-up."""
+        """Exercise the call paths once without network, so the first real request does not
+        pay for lazy imports: each provider route builds a request, and acompletion (the
+        offline route, and any route on LiteLLM's own path) answers a mock response."""
         started = time.perf_counter()
-        await litellm.acompletion(
-            **self._groups[self.alias][0].params,
-            messages=[{"role": "user", "content": "warm-up"}],
-            mock_response="ok",
+        messages = [{"role": "user", "content": "warm-up"}]
+        for deployment in self.deployments():
+            route = deployment.route
+            if isinstance(route, ProviderRoute):
+                for stream in (False, True):
+                    route.prepare(messages, max_tokens=16, temperature=None, stream=stream)
+        first = next(
+            (d.route for d in self.deployments() if isinstance(d.route, AcompletionRoute)), None
         )
+        if first is not None:
+            await provider.warm_acompletion(first.params)
         logger.info("LLM gateway warm", extra={"warm_up_ms": (time.perf_counter() - started) * 1e3})
+
+    async def aclose(self) -> None:
+        """Close the pooled HTTP client (at server stop)."""
+        await self._http.aclose()
+
+    # --- calls -----------------------------------------------------------------------------------
 
     async def complete(
         self,
@@ -329,12 +256,12 @@ class LLMGateway:
         offline_text: str,
     ) -> Completion:
         """One non-streaming generation; upstream failures become errors.ServingError."""
-        args = self._call_args(messages, max_tokens, temperature, offline_text)
+        call = _Call(messages, max_tokens, temperature, offline_text)
         try:
             async with asyncio.timeout(timeout_s):
-                response, _, model = await self._call(args, timeout_s, stream=False)
+                response, model = await self._attempts(call, timeout_s, stream=False)
         except BaseException as exc:
-            raise _map_exception(exc) from exc
+            raise exceptions.to_serving_error(exc) from exc
         choice = response.choices[0]
         usage = getattr(response, "usage", None)
         return Completion(
@@ -354,94 +281,116 @@ class LLMGateway:
         timeout_s: float | None,
         offline_text: str,
     ) -> AsyncGenerator[str | Completion, None]:
-        """Yield text deltas as they arrive, then one Completion with the totals (empty text)."""
-        args = self._call_args(messages, max_tokens, temperature, offline_text)
-        args["stream"] = True
-        args["stream_options"] = {"include_usage": True}
-        prompt_tokens = completion_tokens = 0
+        """Yield text deltas, then one Completion with the totals (empty text).
+
+        The first delta goes out at once; later ones that arrive within the coalescing window
+        of the last one sent go out together with the next, as one message (timer-free: what
+        has arrived is merged when the next chunk comes in, never waited for).
+        """
+        call = _Call(messages, max_tokens, temperature, offline_text)
+        prompt_tokens = completion_tokens = pieces = 0
         finish_reason = ""
-        pieces = 0
+        window = self._coalesce_s
+        clock = asyncio.get_running_loop().time
+        held: list[str] = []
+        last_sent = -math.inf
         try:
             async with asyncio.timeout(timeout_s):
-                response, first, model = await self._call(args, timeout_s, stream=True)
+                upstream, model = await self._attempts(call, timeout_s, stream=True)
                 try:
-                    chunk = first
+                    chunk = upstream.first
                     while chunk is not None:
-                        usage = getattr(chunk, "usage", None)
+                        text, finish, usage = _fields(chunk)
                         if usage is not None:
-                            prompt_tokens = int(usage.prompt_tokens or 0)
-                            completion_tokens = int(usage.completion_tokens or 0)
-                        if chunk.choices:
-                            choice = chunk.choices[0]
-                            if choice.finish_reason:
-                                finish_reason = choice.finish_reason
-                            delta = choice.delta.content
-                            if delta:
-                                pieces += 1
-                                yield delta
-                        chunk = await anext(response, None)
+                            prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+                            completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+                        if finish:
+                            finish_reason = finish
+                        if text:
+                            pieces += 1
+                            held.append(text)
+                        if held:
+                            now = clock() if window else 0.0
+                            if now - last_sent >= window:
+                                yield held[0] if len(held) == 1 else "".join(held)
+                                held.clear()
+                                last_sent = now
+                        chunk = await _next_chunk(upstream)
+                    if held:
+                        yield "".join(held)
+                        held.clear()
+                    if not finish_reason and isinstance(upstream.route, ProviderRoute):
+                        raise upstream.route.eof_error()
                 finally:
-                    # Now, not when garbage collected: a caller that went away (a cancelled
-                    # RPC) must free its upstream connection at once.
-                    await _aclose(response)
+                    await upstream.aclose()
         except BaseException as exc:
-            raise _map_exception(exc) from exc
+            raise exceptions.to_serving_error(exc) from exc
         if completion_tokens == 0:
             completion_tokens = pieces  # provider sent no usage: count the deltas it streamed
         yield Completion("", model, prompt_tokens, completion_tokens, finish_reason)
 
-    async def _call(
-        self, args: Mapping[str, Any], timeout_s: float | None, *, stream: bool
-    ) -> tuple[Any, Any, str]:
-        """The retry and fallback loop: (response, a stream's first chunk, the model that
-        answered). A stream that fails before its first chunk fails its try, as in the Router."""
+    # --- the retry, fallback and cooldown loop ---------------------------------------------------
+
+    async def _attempts(self, call: _Call, timeout_s: float | None, *, stream: bool) -> Any:
+        """(response or _Stream, the model that answered), over the alias and its fallbacks."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
-        first_error: BaseException | None = None
+        first_error: Exception | None = None
         aliases: tuple[str, ...] = (self.alias,)
         i = 0
         while i < len(aliases):
             alias = aliases[i]
             try:
-                return await self._call_alias(alias, args, deadline, stream)
-            except asyncio.CancelledError:
-                raise
+                return await self._call_alias(alias, call, deadline, stream)
             except Exception as exc:
+                row = exceptions.outcome(exc)
+                if row is None:
+                    raise  # not an LLM failure (a bug): no fallback hides it
                 if first_error is None:
                     first_error = exc
-                    aliases += self._plan.fallbacks_for(alias, _fallback_kind(exc))
+                    aliases += self._plan.fallbacks_for(alias, row.fallback)
                 logger.debug("LLM route %s failed: %s", alias, type(exc).__name__)
             i += 1
         assert first_error is not None
         raise first_error
 
     async def _call_alias(
-        self, alias: str, args: Mapping[str, Any], deadline: float | None, stream: bool
-    ) -> tuple[Any, Any, str]:
-        deployments = self._groups[alias]
-        start = 0
-        if len(deployments) > 1:
-            weights = [d.weight for d in deployments]
-            start = random.choices(range(len(deployments)), weights)[0]
+        self, alias: str, call: _Call, deadline: float | None, stream: bool
+    ) -> tuple[Any, str]:
+        group = self._groups[alias]
         tries = self._plan.num_retries + 1
         loop = asyncio.get_running_loop()
+        last_error: Exception | None = None
+        start = -1
         for attempt in range(tries):
-            deployment = deployments[(start + attempt) % len(deployments)]
+            ready = [d for d in group if self.cooldowns.available(d.key)]
+            if not ready:
+                if last_error is not None:
+                    raise last_error
+                raise NoRouteAvailable(f"every deployment of {alias!r} is cooling down")
+            if start < 0:
+                start = random.choices(range(len(ready)), [d.weight for d in ready])[0]
+            deployment = ready[(start + attempt) % len(ready)]
             timeout = deployment.timeout_s
             if deadline is not None:
-                # Rounded up: LiteLLM makes a client per timeout value; asyncio.timeout is exact.
-                timeout = min(timeout, float(max(1, math.ceil(deadline - loop.time()))))
+                timeout = min(timeout, deadline - loop.time())
             try:
-                response = await litellm.acompletion(**deployment.params, **args, timeout=timeout)
-                first = await _first_chunk(response) if stream else None
-                return response, first, deployment.model
+                if stream:
+                    return await self._open_stream(deployment, call, timeout), deployment.model
+                return await self._complete_once(deployment, call, timeout), deployment.model
             except Exception as exc:
-                if attempt + 1 == tries or not _retryable(exc):
+                row = exceptions.outcome(exc)
+                if row is None:
                     raise
+                if row.cooldown:
+                    self.cooldowns.failed(deployment.key, deployment.model)
+                if attempt + 1 == tries or not row.retryable:
+                    raise
+                last_error = exc
                 logger.debug("LLM try %d on %s failed: %s", attempt + 1, alias, type(exc).__name__)
-                if len(deployments) > 1:
+                if len(ready) > 1:
                     continue  # another deployment next: no wait, as the Router does
-                sleep_s = litellm.calculate_retry_after(
+                sleep_s = provider.calculate_retry_after(
                     remaining_retries=tries - attempt - 1,
                     max_retries=tries - 1,
                     response_headers=_response_headers(exc),
@@ -452,56 +401,164 @@ class LLMGateway:
                 await asyncio.sleep(sleep_s)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _call_args(
+    # --- one try ---------------------------------------------------------------------------------
+
+    async def _complete_once(self, deployment: _Deployment, call: _Call, timeout: float) -> Any:
+        route = deployment.route
+        if isinstance(route, AcompletionRoute):
+            return await route.acompletion(**call.acompletion_args(), timeout=_whole_s(timeout))
+        prepared = route.prepare(
+            call.messages, max_tokens=call.max_tokens, temperature=call.temperature, stream=False
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._http.post(prepared.url, prepared.headers, prepared.body)
+                content = await response.read()
+        except TimeoutError:
+            raise route.timeout_error() from None
+        except transport.TransportError as exc:
+            raise route.connection_error(exc) from exc
+        if response.status >= 300:
+            raise route.status_error(response.status, response.headers, content)
+        return route.parse(prepared, response.status, response.headers, content)
+
+    async def _open_stream(self, deployment: _Deployment, call: _Call, timeout: float) -> _Stream:
+        """The stream and its first chunk: a stream failing before that fails its try."""
+        route = deployment.route
+        if isinstance(route, AcompletionRoute):
+            args = call.acompletion_args()
+            args["stream"] = True
+            args["stream_options"] = {"include_usage": True}
+            wrapper = await route.acompletion(**args, timeout=_whole_s(timeout))
+            try:
+                first = await anext(wrapper, None)
+            except BaseException:
+                await _aclose(wrapper)
+                raise
+            return _Stream(wrapper, first, lambda: None, route)
+        prepared = route.prepare(
+            call.messages, max_tokens=call.max_tokens, temperature=call.temperature, stream=True
+        )
+        response: transport.Response | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._http.post(prepared.url, prepared.headers, prepared.body)
+                if response.status >= 300:
+                    content = await response.read()
+                    raise route.status_error(response.status, response.headers, content)
+                chunks = route.chunks(prepared, response.text_chunks())
+                try:
+                    first = await anext(chunks, None)
+                except BaseException as exc:
+                    await chunks.aclose()  # type: ignore[attr-defined]
+                    if isinstance(exc, Exception):
+                        raise route.mid_stream_error(exc) from exc
+                    raise
+        except TimeoutError:
+            if response is not None:
+                await response.close()
+            raise route.timeout_error() from None
+        except transport.TransportError as exc:
+            if response is not None:
+                await response.close()
+            raise route.connection_error(exc) from exc
+        except BaseException:
+            if response is not None:
+                await response.close()
+            raise
+        return _Stream(_Guarded(chunks, route), first, response.close, route)
+
+
+class _Call:
+    """One call's arguments, in the two forms the two paths take."""
+
+    __slots__ = ("max_tokens", "messages", "offline_text", "temperature")
+
+    def __init__(
         self,
         messages: Sequence[Mapping[str, str]],
         max_tokens: int,
         temperature: float | None,
         offline_text: str,
-    ) -> dict[str, Any]:
+    ) -> None:
+        self.messages = messages
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.offline_text = offline_text
+
+    def acompletion_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {
-            "messages": [dict(m) for m in messages],
-            "max_tokens": max_tokens,
-            "metadata": {METADATA_KEY: offline_text},
+            "messages": [dict(m) for m in self.messages],
+            "max_tokens": self.max_tokens,
+            "metadata": {METADATA_KEY: self.offline_text},
         }
-        if temperature is not None:
-            args["temperature"] = temperature
+        if self.temperature is not None:
+            args["temperature"] = self.temperature
         return args
 
 
-def _register_unpriced_models(models: Iterable[str]) -> None:
-    """Give LiteLLM a zero price for route models missing from its price map (a self-hosted
-    model, or a name newer than the map): it prices every response, and for an unknown model
-    each call pays ~600 Python calls of failed lookups to end with no cost. We never read
-    LiteLLM's cost, so a zero price changes nothing we report."""
-    for model in set(models):
-        provider, _, name = model.partition("/")
-        if not name or provider == OFFLINE_PROVIDER:
-            continue
+class _Guarded:
+    """A provider stream's chunks after the first: a failure while iterating becomes LiteLLM's
+    MidStreamFallbackError, as acompletion's stream wrapper raises it."""
+
+    __slots__ = ("_chunks", "_route")
+
+    def __init__(self, chunks: AsyncIterator[Any], route: ProviderRoute) -> None:
+        self._chunks = chunks
+        self._route = route
+
+    def __aiter__(self) -> _Guarded:
+        return self
+
+    async def __anext__(self) -> Any:
         try:
-            litellm.get_model_info(model)
-        except Exception:
-            litellm.register_model(
-                {
-                    model: {
-                        "litellm_provider": provider,
-                        "mode": "chat",
-                        "input_cost_per_token": 0.0,
-                        "output_cost_per_token": 0.0,
-                        "cache_creation_input_token_cost": 0.0,
-                        "cache_read_input_token_cost": 0.0,
-                    }
-                }
-            )
+            return await anext(self._chunks)
+        except StopAsyncIteration:
+            raise
+        except transport.TransportError as exc:
+            raise self._route.mid_stream_error(self._route.connection_error(exc)) from exc
+        except Exception as exc:
+            raise self._route.mid_stream_error(exc) from exc
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()  # type: ignore[attr-defined]
 
 
-async def _first_chunk(stream: Any) -> Any:
-    """A stream's first chunk (None for an empty stream); the stream is closed if that fails."""
-    try:
-        return await anext(stream, None)
-    except BaseException:
-        await _aclose(stream)
-        raise
+async def _next_chunk(upstream: _Stream) -> Any:
+    return await anext(upstream.chunks, None)
+
+
+def _fields(chunk: Any) -> tuple[str, str, Any]:
+    """(text delta, finish reason, usage) of a parsed chunk (ModelResponseStream, or the
+    GenericStreamingChunk dict some iterators return)."""
+    if isinstance(chunk, dict):
+        return chunk.get("text") or "", chunk.get("finish_reason") or "", _usage(chunk)
+    usage = getattr(chunk, "usage", None)
+    choices = chunk.choices
+    if not choices:
+        return "", "", usage
+    choice = choices[0]
+    return choice.delta.content or "", choice.finish_reason or "", usage
+
+
+def _usage(chunk: Mapping[str, Any]) -> Any:
+    usage = chunk.get("usage")
+    if not usage:
+        return None
+    return _DictUsage(
+        int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    )
+
+
+@dataclass(frozen=True)
+class _DictUsage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _whole_s(timeout: float) -> float:
+    """Rounded up: LiteLLM makes an HTTP client per timeout value; asyncio.timeout is exact."""
+    return float(max(1, math.ceil(timeout)))
 
 
 def _response_headers(exc: BaseException) -> Any:
@@ -513,43 +570,3 @@ async def _aclose(stream: object) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()
-
-
-def _map_exception(exc: BaseException) -> BaseException:
-    """Map a LiteLLM / provider exception onto the error table (CancelledError passes through)."""
-    # The type is enough for operators; provider messages can quote the completion, so the
-    # traceback (and its text) goes out only at DEBUG, like prompts and completions.
-    logger.info("LLM call failed: %s", type(exc).__name__)
-    logger.debug("LLM call failure detail", exc_info=exc)
-    if isinstance(exc, asyncio.CancelledError | errors.ServingError):
-        return exc
-    if isinstance(exc, TimeoutError | llm_errors.Timeout):
-        return errors.DeadlineExceeded("the LLM did not answer within the call's deadline")
-    if isinstance(exc, llm_errors.RateLimitError):
-        return errors.UpstreamRateLimited("the LLM provider is rate limiting; retry later")
-    if isinstance(exc, llm_errors.ContextWindowExceededError):
-        return errors.InvalidArgument("context", "the prompt is too long for the model")
-    if isinstance(exc, llm_errors.ContentPolicyViolationError):
-        return errors.ProviderRejected("the LLM provider's content policy refused the request")
-    if isinstance(exc, llm_errors.AuthenticationError | llm_errors.PermissionDeniedError):
-        return errors.NotReady("the LLM route's credentials were refused; check its API key")
-    if isinstance(exc, llm_errors.NotFoundError):
-        return errors.NotReady("the LLM route names a model the provider does not have")
-    if isinstance(
-        exc, llm_errors.BadRequestError | llm_errors.UnprocessableEntityError
-    ) and not isinstance(exc, llm_errors.ServiceUnavailableError):
-        return errors.ProviderRejected("the LLM provider rejected the request as invalid")
-    if isinstance(
-        exc,
-        llm_errors.APIConnectionError
-        | llm_errors.ServiceUnavailableError
-        | llm_errors.InternalServerError
-        | llm_errors.BadGatewayError
-        | llm_errors.APIError
-        | llm_errors.MidStreamFallbackError
-        | llm_errors.APIResponseValidationError,
-    ):
-        return errors.UpstreamUnavailable("the LLM provider is unavailable; retry later")
-    if isinstance(exc, ValueError) and "No deployments available" in str(exc):
-        return errors.UpstreamUnavailable("no LLM route is available right now; retry later")
-    return exc

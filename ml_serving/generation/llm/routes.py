@@ -1,6 +1,6 @@
 """LiteLLM config files: the model_list and router_settings we read, checked at start.
 
-Free of litellm (llm.py owns that import), so the format and its rules test on their own.
+Free of litellm (provider.py owns that import), so the format and its rules test on their own.
 """
 
 from __future__ import annotations
@@ -16,7 +16,17 @@ OFFLINE_PROVIDER = "offline"
 OFFLINE_MODEL = f"{OFFLINE_PROVIDER}/tip-composer-1"
 OFFLINE_ALIAS = "offline"
 
-_DEFAULT_ROUTER_SETTINGS: dict[str, Any] = {"num_retries": 2, "timeout": 30.0}
+_DEFAULT_ROUTER_SETTINGS: dict[str, Any] = {
+    "num_retries": 2,
+    "timeout": 30.0,
+    # The Router's defaults (litellm.constants DEFAULT_ALLOWED_FAILS, DEFAULT_COOLDOWN_TIME_SECONDS;
+    # a test holds them equal).
+    "allowed_fails": 3,
+    "cooldown_time": 5.0,
+    "disable_cooldowns": False,
+}
+COOLDOWN_WINDOW_S = 60.0
+"""allowed_fails counts the failures of the last minute, as the Router does."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,11 @@ class RetryPlan:
     num_retries: int
     timeout_s: float
     retry_after_s: float
+    allowed_fails: int
+    """A deployment failing more than this many times in a minute cools down..."""
+    cooldown_time_s: float
+    """...and is skipped for this long."""
+    disable_cooldowns: bool
     fallbacks: Mapping[str, tuple[str, ...]]
     context_window_fallbacks: Mapping[str, tuple[str, ...]]
     content_policy_fallbacks: Mapping[str, tuple[str, ...]]
@@ -83,11 +98,11 @@ class RetryPlan:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], aliases: Sequence[str]) -> RetryPlan:
         """Check router_settings against what the loop implements; raise ValueError."""
-        unknown = set(settings) - _SUPPORTED_ROUTER_SETTINGS - _IGNORED_ROUTER_SETTINGS
+        unknown = set(settings) - _SUPPORTED_ROUTER_SETTINGS
         if unknown:
             raise ValueError(
                 f"router_settings {', '.join(sorted(unknown))} not supported; supported: "
-                f"{', '.join(sorted(_SUPPORTED_ROUTER_SETTINGS | _IGNORED_ROUTER_SETTINGS))}"
+                f"{', '.join(sorted(_SUPPORTED_ROUTER_SETTINGS))}"
             )
         merged = {**_DEFAULT_ROUTER_SETTINGS, **settings}
         num_retries, timeout_s = merged["num_retries"], merged["timeout"]
@@ -98,10 +113,29 @@ class RetryPlan:
             raise ValueError("router_settings.timeout must be a number > 0")
         if isinstance(retry_after_s, bool) or not isinstance(retry_after_s, int | float):
             raise ValueError("router_settings.retry_after must be a number")
+        allowed_fails, cooldown_s = merged["allowed_fails"], merged["cooldown_time"]
+        disable_cooldowns = merged["disable_cooldowns"]
+        if (
+            isinstance(allowed_fails, bool)
+            or not isinstance(allowed_fails, int)
+            or allowed_fails < 0
+        ):
+            raise ValueError("router_settings.allowed_fails must be an integer >= 0")
+        if (
+            isinstance(cooldown_s, bool)
+            or not isinstance(cooldown_s, int | float)
+            or cooldown_s < 0
+        ):
+            raise ValueError("router_settings.cooldown_time must be a number >= 0")
+        if not isinstance(disable_cooldowns, bool):
+            raise ValueError("router_settings.disable_cooldowns must be true or false")
         return cls(
             num_retries=num_retries,
             timeout_s=float(timeout_s),
             retry_after_s=float(max(retry_after_s, 0)),
+            allowed_fails=allowed_fails,
+            cooldown_time_s=float(cooldown_s),
+            disable_cooldowns=disable_cooldowns,
             fallbacks=_fallback_map(merged.get("fallbacks"), "fallbacks", aliases),
             context_window_fallbacks=_fallback_map(
                 merged.get("context_window_fallbacks"), "context_window_fallbacks", aliases
@@ -123,14 +157,14 @@ class RetryPlan:
         return table.get(alias) or table.get("*") or ()
 
 
-# The Router's cooldown knobs: accepted so LiteLLM config files stay valid, but there are no
-# cooldowns to tune (see LLMGateway).
-_IGNORED_ROUTER_SETTINGS = frozenset({"disable_cooldowns", "allowed_fails", "cooldown_time"})
 _SUPPORTED_ROUTER_SETTINGS = frozenset(
     {
         "num_retries",
         "timeout",
         "retry_after",
+        "allowed_fails",
+        "cooldown_time",
+        "disable_cooldowns",
         "fallbacks",
         "context_window_fallbacks",
         "content_policy_fallbacks",
