@@ -100,6 +100,8 @@ class Gate:
     """A stream whose client has not taken a message for this long is ended (`watch_stalls`)."""
     stalled: int = 0
     """Streams ended because their client stopped reading."""
+    last_arrival: float = 0.0
+    """perf_counter() when the latest call reached the layer (a drain waits for quiet)."""
     streams: set[_StreamWrites] = field(default_factory=set)
     """The server-streaming calls in progress, for `watch_stalls`."""
 
@@ -269,7 +271,7 @@ class _Call:
         self.request_id = _request_id(self.metadata)
         self.notes: dict[str, Any] = {}
         self.admitted = False
-        self.started = time.perf_counter()
+        self.started = gate.last_arrival = time.perf_counter()
         self._tokens = (request_id_var.set(self.request_id), _annotations.set(self.notes))
         self._span = tracing.rpc_span(f"/{SERVICE}/{method}", self.metadata)
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import signal
 from collections.abc import Iterator
 
 import grpc
@@ -76,3 +77,31 @@ def test_request_ids_are_cleaned_to_printable_ascii_before_they_are_echoed(
     assert reply.status == 0, reply
     assert reply.trailers[b"x-request-id"] == echoed
     assert pb.ListPromptVersionsResponse.FromString(reply.message()).default_version
+
+
+async def test_calls_queued_at_sigterm_are_refused_unavailable_not_cancelled() -> None:
+    """grpc's stop cancels the calls it has not handed to the event loop yet (2,317 of 3,000
+    CANCELLED, unlogged): the drain lets them reach the layer, which answers UNAVAILABLE."""
+    process = ServerProcess()
+    try:
+        process.wait_ready()
+        async with grpc.aio.insecure_channel(process.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            request = score_request()
+            await stub.Score(request, timeout=10)
+
+            async def one() -> str:
+                try:
+                    await stub.Score(request, timeout=30)
+                except grpc.RpcError as exc:
+                    return exc.code().name
+                return "OK"
+
+            calls = [asyncio.create_task(one()) for _ in range(3000)]
+            await asyncio.sleep(0.05)
+            process.popen.send_signal(signal.SIGTERM)
+            statuses = collections.Counter(await asyncio.gather(*calls))
+        assert set(statuses) <= {"OK", "UNAVAILABLE"}, statuses
+        assert process.popen.wait(30) == 0
+    finally:
+        process.stop()
