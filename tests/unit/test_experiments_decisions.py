@@ -110,6 +110,18 @@ def test_the_file_is_appended_across_writers(tmp_path: Path) -> None:
     assert ids == [f"{i:032x}" for i in range(50)] + ["f" * 32]
 
 
+def test_reopen_follows_a_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(path, KEY)
+    record(log, assignment("1" * 32))
+    path.rename(tmp_path / "decisions.jsonl.1")
+    log.reopen()
+    record(log, assignment("2" * 32))
+    log.close()
+    assert json.loads(path.read_text())["decision_id"] == "2" * 32
+    assert json.loads((tmp_path / "decisions.jsonl.1").read_text())["decision_id"] == "1" * 32
+
+
 def test_a_failed_write_is_counted_never_raised(caplog: pytest.LogCaptureFixture) -> None:
     log = DecisionLog("/dev/full", KEY)  # every write fails with ENOSPC
     with caplog.at_level(logging.WARNING):
