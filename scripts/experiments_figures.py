@@ -6,7 +6,9 @@
 Cost is the best of ``--repeat`` timeit runs of ``--number`` calls (the least disturbed run on a
 shared machine), per call, in microseconds: ``PromptSelector.select`` for a user in a
 three-variant experiment (decision id, hash, record) and its parts. Shares and moves use the ids
-``user-0`` .. ``user-99999``. The loop is ``ml_serving.training.prompt_simulator.compare`` at its
+``user-0`` .. ``user-99999``. Also the cost of an unchanged snapshot poll and of computing
+Thompson shares when a snapshot loads (20,000 draws). The loop is
+``ml_serving.training.prompt_simulator.compare`` at its
 defaults (20 epochs x 3,000 calls); coverage is the test's: 100 simulated logs of 3,000 calls
 from 1,000 users under 50/25/25, candidate 10/20/70.
 """
@@ -14,6 +16,7 @@ from 1,000 users under 50/25/25, candidate 10/20/70.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import platform
@@ -23,13 +26,14 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
+from ml_serving.experiments import bandit
 from ml_serving.experiments.assignment import (
     Experiment,
     PromptSelector,
     Shares,
     new_decision_id,
 )
-from ml_serving.experiments.config import ExperimentConfig
+from ml_serving.experiments.config import ExperimentConfig, Policy
 from ml_serving.experiments.decisions import DecisionLog, read_decisions, read_rewards
 from ml_serving.experiments.evaluation import evaluate
 from ml_serving.training.prompt_simulator import LoopConfig, PromptWorld, compare, simulate_log
@@ -65,8 +69,29 @@ def cost(number: int, repeat: int, workdir: Path) -> dict[str, float]:
     def record() -> None:
         log.record(assignment, user_id="user-1", prompt_hash="h", model="m", fallback=False)
 
+    snapshot_path = workdir / "snapshot.json"
+    snap = bandit.Snapshot(
+        SALT,
+        dt.datetime(2024, 1, 1, tzinfo=dt.UTC),
+        {
+            "v1": bandit.Arm(1000, 100),
+            "v2-mentor": bandit.Arm(1000, 120),
+            "v3-few-shot": bandit.Arm(1000, 150),
+        },
+    )
+    bandit.write_snapshot(snapshot_path, snap)
+    thompson = Experiment(
+        ExperimentConfig(SALT, SALT, WEIGHTS, Policy.THOMPSON, snapshot_path, min_share=0.05)
+    )
+    versions = sorted(WEIGHTS)
+
+    def shares_from_snapshot() -> None:
+        bandit.thompson_shares(snap, versions, min_share=0.05, draws=20_000)
+
     try:
         return {
+            "poll_unchanged_snapshot_us": per_call_us(thompson.reload_if_changed, number, repeat),
+            "shares_from_snapshot_20k_draws_us": per_call_us(shares_from_snapshot, 20, repeat),
             "select_experiment_us": per_call_us(select, number, repeat),
             "select_request_us": per_call_us(
                 lambda: selector.select("u", "v2-mentor"), number, repeat
