@@ -10,7 +10,7 @@ A primary line (``DecisionLog.record``)::
 ``experiment`` is null unless ``how`` is "experiment". ``user`` is
 ``blake2b(UTF-8(user_id), key=user_key, digest_size=16)`` in hex: joinable across lines and
 restarts with the same key, never the raw id. A shadow line (``record_shadow``) carries the same
-``decision_id`` with ``"shadow": true``, ``outcome`` ("ran" or "failed"), the shadow's
+``decision_id`` with ``"shadow": true``, ``outcome`` ("ran", "failed" or "cancelled"), the shadow's
 ``version``, ``prompt_hash``, ``model``, ``fallback``, ``usage`` ({"prompt_tokens",
 "completion_tokens"}), ``finish_reason``, ``seconds``, ``error`` and ``text`` (cut to
 ``max_text_chars``).
