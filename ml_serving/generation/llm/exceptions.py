@@ -8,7 +8,8 @@ every route cooling down (NoRouteAvailable), or something that is not an LLM fai
 The retryable and cooldown columns are the Router's rules (tests/unit/test_llm_exceptions.py
 holds them to `litellm._should_retry` and the Router's `_is_cooldown_required`): retry 408, 429,
 5xx, connection errors and timeouts, never 400/401/403/404/422; count towards a cooldown 401,
-404, 408, 429 and 5xx, never other 4xx nor a connection error.
+402, 404, 408, 429 and 5xx, never other 4xx nor an APIConnectionError. (A refused connection is
+not one: LiteLLM reports it as the provider's 500, InternalServerError, and so it counts.)
 """
 
 from __future__ import annotations

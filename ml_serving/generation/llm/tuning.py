@@ -51,9 +51,10 @@ def after_import(litellm: Any) -> None:
 def price_unknown_models(litellm: Any, models: Iterable[str]) -> list[str]:
     """Register a zero price for route models missing from LiteLLM's price map; return them.
 
-    LiteLLM prices every response it builds (Anthropic's transform does, on the provider path
-    too), and for a model the map lacks each call pays thousands of Python calls of failed
-    lookups to end with no price (measured: ~9,000 a call on Anthropic). We never read
+    LiteLLM looks every route model up in that map (acompletion to price each response, the
+    provider configs while building a request), and a model the map lacks pays for failed
+    lookups on every call. Measured here for anthropic/my-self-hosted-model: acompletion 9,163
+    -> 5,543 Python calls a call, the provider path 562 -> 451 per request built. We never read
     LiteLLM's cost, so a zero price changes nothing we report. litellm.register_model is its
     documented way to add a model; done once, at start.
     """
