@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 from typing import Any, Final
 
+import mlflow.models
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
@@ -54,7 +56,10 @@ class TipsRankerModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         card_name, card_version = _card_identity(directory)
         self._model = load_version_dir(directory, card_name, card_version)
 
-    def predict(self, context: Any, model_input: Any, params: Any = None) -> Float64Array:
+    # MLflow reads these hints (a DataFrame in, an array out) besides the logged signature.
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> np.ndarray[Any, Any]:
         """Probabilities for a DataFrame with one row per (user context, candidate) pair."""
         if self._model is None:
             raise RuntimeError("load_context has not run")
@@ -65,11 +70,16 @@ class TipsRankerModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         )
         if unknown:
             raise ValueError(f"unknown feature columns: {sorted(unknown)}")
-        return self._model.predict_rows(
+        probs: Float64Array = self._model.predict_rows(
             _raw(model_input, Group.CONTEXT), _raw(model_input, Group.CANDIDATE)
         )
+        return probs
 
 
 def _card_identity(directory: Path) -> tuple[str, str]:
     card = json.loads((directory / CARD_FILE).read_text(encoding="utf-8"))
     return str(card["model_name"]), str(card["version"])
+
+
+# Logged as a model from code: MLflow runs this file at load time, so loading unpickles nothing.
+mlflow.models.set_model(TipsRankerModel())

@@ -363,36 +363,37 @@ class MlflowRegistry:
 
 
 def _save_pyfunc(path: Path, files: Path, card: Mapping[str, Any]) -> None:
-    """Write an MLflow pyfunc model whose artifacts are exactly the registry files."""
+    """Write an MLflow pyfunc model whose artifacts are exactly the registry files, with the
+    ml_serving package as its code (it loads where ml-serving is not installed)."""
     import importlib.metadata
     import warnings
 
     import pandas as pd
 
+    package = Path(__file__).resolve().parent.parent
+    example = pd.DataFrame(
+        [{**row["context"], **row["candidate"]} for row in card["reference_rows"][:2]]
+    )
     with warnings.catch_warnings():
-        # mlflow.pyfunc warns at import about its own agent types' hints: not ours.
-        warnings.filterwarnings(
-            "ignore", message=".*Any type hint is inferred", category=UserWarning
-        )
+        # MLflow's own warnings (its agent types' hints at import, pandas 3 deprecations in its
+        # input-example code): not ours to fix, and errors under the test suite's filters.
+        warnings.filterwarnings("ignore", module=r"mlflow(\.|$)")
+        warnings.filterwarnings("ignore", message=".*Any type hint is inferred")
         import mlflow.pyfunc
 
         from ml_serving.scoring import mlflow_pyfunc
 
-    example = pd.DataFrame(
-        [{**row["context"], **row["candidate"]} for row in card["reference_rows"][:2]]
-    )
-    package = Path(__file__).resolve().parent.parent  # ml_serving: the pyfunc loads without it
-    mlflow.pyfunc.save_model(
-        str(path),
-        python_model=mlflow_pyfunc.TipsRankerModel(),
-        artifacts={key: str(files / file) for key, file in mlflow_pyfunc.ARTIFACT_KEYS.items()},
-        code_paths=[str(package)],
-        signature=mlflow_pyfunc.signature(),
-        input_example=example,
-        pip_requirements=[
-            f"{dist}=={importlib.metadata.version(dist)}" for dist in ("numpy", "grpcio")
-        ],
-    )
+        mlflow.pyfunc.save_model(
+            str(path),
+            python_model=mlflow_pyfunc.__file__,
+            artifacts={key: str(files / f) for key, f in mlflow_pyfunc.ARTIFACT_KEYS.items()},
+            code_paths=[str(package)],
+            signature=mlflow_pyfunc.signature(),
+            input_example=example,
+            pip_requirements=[
+                f"{dist}=={importlib.metadata.version(dist)}" for dist in ("numpy", "grpcio")
+            ],
+        )
 
 
 def open_holder(model_uri: str, *, cache_dir: Path, tracking_uri: str | None) -> ModelHolder:

@@ -29,6 +29,7 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._text = ""
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> MlflowServer:
         """Start (or restart on the same port and store) and wait for /health."""
@@ -103,10 +104,13 @@ class MlflowServer:
         deadline = time.monotonic() + 10
         while self.healthy() and time.monotonic() < deadline:
             time.sleep(0.1)
+        self.log()
+        if self._log is not None:
+            self._log.close()
 
     def log(self, tail: int = 40) -> str:
         """The server's last output lines."""
-        if self._log is None or self._log.closed:
-            return ""
-        self._log.seek(0)
-        return "\n".join(self._log.read().decode(errors="replace").splitlines()[-tail:])
+        if self._log is not None and not self._log.closed:
+            self._log.seek(0)
+            self._text = self._log.read().decode(errors="replace")
+        return "\n".join(self._text.splitlines()[-tail:])

@@ -1,0 +1,411 @@
+"""The MLflow backend against a real `mlflow server` (SQLite store, local artifacts on loopback):
+train -> register -> promote -> served within two polls, pyfunc parity, a corrupt version
+refused, the tracking server killed mid-load, and a restart with it down.
+
+One tracking server and one serving process are shared by the module, and the tests run in
+file order: each one starts from the state the one before left (the versions it registered and
+where the aliases point), as an operator's session would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
+from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
+from ml_serving.api.rpc import SERVICE
+from ml_serving.scoring import features
+from ml_serving.scoring.model import Model
+from ml_serving.scoring.registry import InvalidModelError, dump_card, write_weights
+from tests.support import REPO
+from tests.support.mlflow_server import MlflowServer
+from tests.support.requests import score_request
+from tests.support.server_process import ServerProcess, free_port
+
+pytestmark = pytest.mark.timeout(240)
+
+NAME = "tips-ranker"
+POLL_S = 1.0
+MAX_BACKOFF_S = 2.0
+ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+
+
+def _mlflow_registry_module() -> Any:
+    from ml_serving.scoring import mlflow_registry
+
+    return mlflow_registry
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def registry(tracking: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The test's own client of the tracking server (its own cache)."""
+    mod = _mlflow_registry_module()
+    return mod.MlflowRegistry(tmp_path_factory.mktemp("client-cache"), tracking_uri=tracking.uri)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("serving-cache")
+
+
+def _serve(tracking_uri: str, cache: Path, metrics_port: int = 0) -> ServerProcess:
+    return ServerProcess(
+        ML_SERVING_MODEL_URI=f"models:/{NAME}@champion",
+        MLFLOW_TRACKING_URI=tracking_uri,
+        ML_SERVING_MODEL_CACHE_DIR=str(cache),
+        ML_SERVING_MODEL_POLL_S=str(POLL_S),
+        ML_SERVING_MODEL_POLL_MAX_BACKOFF_S=str(MAX_BACKOFF_S),
+        ML_SERVING_METRICS_PORT=str(metrics_port),
+        ML_SERVING_LOG_LEVEL="INFO",
+        ML_SERVING_LOG_JSON="false",
+    )
+
+
+@pytest.fixture(scope="module")
+def serving(
+    tracking: MlflowServer, cache_dir: Path, trained: str
+) -> Iterator[tuple[ServerProcess, int]]:
+    metrics_port = free_port()
+    server = _serve(tracking.uri, cache_dir, metrics_port)
+    try:
+        started = time.monotonic()
+        server.wait_ready(90)
+        print(f"server ready with MLflow in {time.monotonic() - started:.1f} s")
+        yield server, metrics_port
+    finally:
+        server.stop()
+
+
+def _score(address: str, request: pb.ScoreRequest | None = None) -> pb.ScoreResponse:
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        reply: pb.ScoreResponse = stub.Score(request or score_request(5), timeout=5)
+        return reply
+
+
+def _health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        status: int = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2).status
+        return status
+
+
+def _metric(port: int, name: str, **labels: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _wait_for_version(address: str, version: str, timeout_s: float) -> float:
+    """Seconds until Score answers with ``version``; fails the test after ``timeout_s``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if _score(address).model_version == version:
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"still not serving version {version} after {timeout_s} s")
+
+
+def _shifted(model: Model, shift: float) -> Any:
+    """Version ``model`` with its intercept moved, as (weights, card_for) for add_version."""
+    weights = replace(model.weights, intercept=model.weights.intercept + shift)
+
+    def card_for(version: str) -> dict[str, Any]:
+        card: dict[str, Any] = json.loads(json.dumps(model.card))
+        card["version"] = version
+        card["rollout_history"] = [{"event": "trained", "version": version}]
+        shifted = Model(NAME, version, card, weights)
+        for row in card["reference_rows"]:
+            ctx = features.rows_from_mappings([row["context"]], features.Group.CONTEXT)[0]
+            cand = features.rows_from_mappings([row["candidate"]], features.Group.CANDIDATE)
+            row["prediction"] = float(shifted.predict(ctx, cand)[0])
+        return card
+
+    return weights, card_for
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tracking: MlflowServer) -> str:
+    """`make train`'s command with MLFLOW_TRACKING_URI set (and --promote): version 1."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "ml_serving.training", "--promote"],
+        cwd=REPO,
+        env={**_clean_env(), "MLFLOW_TRACKING_URI": tracking.uri, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    print(f"training + registration took {time.monotonic() - started:.1f} s")
+    m = re.search(r"registered models:/tips-ranker/(\d+)", done.stdout)
+    assert m, done.stdout
+    return m[1]
+
+
+def _new_run(registry: Any) -> str:
+    """A run of its own for each hand-made version (a run's model/ holds one version)."""
+    experiment = registry.client.get_experiment_by_name(NAME)
+    run_id: str = registry.client.create_run(experiment.experiment_id).info.run_id
+    return run_id
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("ML_SERVING_", "MLFLOW_"))}
+
+
+def test_training_logs_a_run_and_registers_a_version(registry: Any, trained: str) -> None:
+    client = registry.client
+    mv = client.get_model_version(NAME, trained)
+    assert registry.version_by_alias(NAME, "challenger") == trained
+    assert registry.version_by_alias(NAME, "champion") == trained  # --promote, checks passed
+    run = client.get_run(mv.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["seed"] == "20240611"
+    assert run.data.params["simulator.n_users"] == "5000"
+    assert run.data.params["fit.l2"] == "1.0"
+    for metric in ("auc", "log_loss", "calibration_error", "fairness_auc_gap"):
+        assert metric in run.data.metrics
+    assert mv.tags["fairness_passed"] == "true"
+    assert mv.tags["auc"] == str(run.data.metrics["auc"])
+    assert "Held-out AUC" in mv.description
+    model = registry.load(NAME, trained)  # downloaded and validated like the server does
+    assert model.card["version"] == trained
+    assert model.card["metrics"]["heldout"]["auc"] == run.data.metrics["auc"]
+    # The same model the file registry ships (same seed, same code): only the version differs.
+    shipped = json.loads((REPO / "models" / NAME / "1" / "card.json").read_text())
+    assert model.card["weights_sha256"] == shipped["weights_sha256"]
+    events = [e["event"] for e in model.card["rollout_history"]]
+    assert events == ["trained", "promoted"]
+
+
+# --- serving -------------------------------------------------------------------------------------
+
+
+def test_served_version_is_the_mlflow_version(serving: tuple[ServerProcess, int], trained: str):
+    server, metrics_port = serving
+    reply = _score(server.address)
+    assert (reply.model_name, reply.model_version) == (NAME, trained)
+    assert _metric(metrics_port, "mlserving_model_info", version=trained) == 1.0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_pyfunc_matches_the_grpc_answer(
+    serving: tuple[ServerProcess, int], tracking: MlflowServer, trained: str
+) -> None:
+    import mlflow
+    import mlflow.pyfunc
+    import pandas as pd
+
+    request = score_request(20, seed=11)
+    reply = _score(serving[0].address, request)
+    ctx = dict(zip(request.context_feature_names, request.context_values, strict=True))
+    rows = [
+        {**ctx, **dict(zip(request.candidate_feature_names, c.values, strict=True))}
+        for c in request.candidates
+    ]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking.uri)
+    try:
+        loaded = mlflow.pyfunc.load_model(f"models:/{NAME}/{trained}")
+        got = np.asarray(loaded.predict(pd.DataFrame(rows)), dtype=np.float64)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    want = np.array([s.score for s in reply.scores])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_promotion_is_served_within_two_polls(
+    serving: tuple[ServerProcess, int], registry: Any, trained: str
+) -> None:
+    server, metrics_port = serving
+    v1 = registry.load(NAME, trained)
+    weights, card_for = _shifted(v1, 0.3)
+    v2 = registry.add_version(NAME, weights, card_for, run_id=_new_run(registry))
+    assert registry.version_by_alias(NAME, "challenger") == v2.version
+    assert _score(server.address).model_version == trained  # a challenger does not serve
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "ml_serving.scoring.mlflow_registry"),
+            *("--tracking-uri", registry.tracking_uri, "--cache", str(registry.cache.root)),
+            *("promote", "--name", NAME, "--version", v2.version, "--note", "test"),
+        ],
+        cwd=REPO,
+        env={**_clean_env(), **ENV},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The alias moved somewhere inside the command (after its imports and the validation):
+    # the server must answer with v2 at most two polls after the command has finished.
+    _wait_for_version(server.address, v2.version, 2 * POLL_S)
+    print(f"promote command started -> v2 served: {time.monotonic() - started:.2f} s")
+    swap = re.findall(
+        rf"now serving version {v2.version} .*loaded in ([0-9.]+) ms", server.log(400)
+    )
+    assert swap, server.log(400)
+    print(f"server side: resolve -> download -> validate -> swap in {swap[-1]} ms")
+    assert _metric(metrics_port, "mlserving_model_info", version=v2.version) == 1.0
+    assert _metric(metrics_port, "mlserving_model_info", version=trained) is None
+    card = registry.client.download_artifacts(
+        registry.client.get_model_version(NAME, v2.version).run_id, "model/artifacts/card.json"
+    )
+    history = json.loads(Path(card).read_text())["rollout_history"]
+    assert history[-1]["event"] == "promoted" and history[-1]["previous_version"] == trained
+    assert history[-1]["note"] == "test"
+
+
+def _corrupt_version(registry: Any, base: Model) -> str:
+    """A version whose card's reference predictions the weights do not reproduce."""
+    weights, card_for = _shifted(base, 0.6)
+
+    def lying_card(version: str) -> dict[str, Any]:
+        card: dict[str, Any] = card_for(version)
+        card["reference_rows"][0]["prediction"] += 0.01
+        return card
+
+    # add_version validates before uploading, so upload the broken files by hand.
+    mod = _mlflow_registry_module()
+    client = registry.client
+    run_id = _new_run(registry)
+    mv = client.create_model_version(NAME, f"runs:/{run_id}/model", run_id=run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = Path(tmp) / "artifacts"
+        files.mkdir()
+        write_weights(files / "weights.npz", weights)
+        sha = hashlib.sha256((files / "weights.npz").read_bytes()).hexdigest()
+        (files / "card.json").write_bytes(
+            dump_card({**lying_card(str(mv.version)), "weights_sha256": sha})
+        )
+        client.log_artifacts(run_id, str(files), artifact_path=f"model/{mod.FILES_PATH}")
+    return str(mv.version)
+
+
+def test_a_corrupt_version_is_refused(serving: tuple[ServerProcess, int], registry: Any) -> None:
+    server, metrics_port = serving
+    serving_version = registry.version_by_alias(NAME, "champion")
+    bad = _corrupt_version(registry, registry.load(NAME, serving_version))
+    with pytest.raises(InvalidModelError, match="reference row 0"):
+        registry.promote(NAME, bad)
+    assert registry.version_by_alias(NAME, "champion") == serving_version  # alias unmoved
+    # Moved by hand, around the promote command: the server refuses it and keeps serving.
+    registry.client.set_registered_model_alias(NAME, "champion", bad)
+    deadline = time.monotonic() + 3 * POLL_S + 2
+    while time.monotonic() < deadline and f"cannot switch to version {bad}" not in server.log(200):
+        assert _score(server.address).model_version == serving_version
+        time.sleep(0.1)
+    assert f"cannot switch to version {bad}" in server.log(200)
+    assert "reference row 0" in server.log(200)
+    assert _score(server.address).model_version == serving_version
+    assert (
+        _metric(metrics_port, "mlserving_model_poll_failures_total", reason="refused") or 0
+    ) >= 1
+    registry.client.set_registered_model_alias(NAME, "champion", serving_version)
+
+
+def test_tracking_server_killed_mid_load_score_keeps_answering(
+    serving: tuple[ServerProcess, int], registry: Any, tracking: MlflowServer
+) -> None:
+    server, metrics_port = serving
+    serving_version = registry.version_by_alias(NAME, "champion")
+    weights, card_for = _shifted(registry.load(NAME, serving_version), -0.2)
+    new = registry.add_version(NAME, weights, card_for, run_id=_new_run(registry)).version
+    registry.client.set_registered_model_alias(NAME, "champion", new)
+    tracking.kill()  # the next poll resolves the alias or downloads the files: both fail
+    answered = set()
+    until = time.monotonic() + 3 * POLL_S
+    while time.monotonic() < until:
+        answered.add(_score(server.address).model_version)  # never an error
+        time.sleep(0.02)
+    assert answered <= {serving_version, new}
+    assert (
+        _metric(metrics_port, "mlserving_model_poll_failures_total", reason="unavailable") or 0
+    ) >= 1
+    assert "registry unreachable" in server.log(200)
+    tracking.start()
+    took = _wait_for_version(server.address, new, 2 * MAX_BACKOFF_S + 5)
+    print(f"MLflow back -> new version served: {took * 1000:.0f} ms")
+
+
+def test_restart_with_mlflow_down_serves_the_cache(
+    serving: tuple[ServerProcess, int],
+    registry: Any,
+    tracking: MlflowServer,
+    cache_dir: Path,
+    tmp_path: Path,
+) -> None:
+    serving_version = registry.version_by_alias(NAME, "champion")
+    assert _score(serving[0].address).model_version == serving_version
+    tracking.kill()
+    try:
+        # Restart from the cache the running server filled.
+        restarted = _serve(tracking.uri, cache_dir)
+        try:
+            started = time.monotonic()
+            restarted.wait_ready(90)
+            print(
+                f"restart, MLflow down, from the cache: ready in {time.monotonic() - started:.1f} s"
+            )
+            assert _score(restarted.address).model_version == serving_version
+            deadline = time.monotonic() + 3 * POLL_S + 2
+            while time.monotonic() < deadline and "registry unreachable" not in restarted.log(200):
+                time.sleep(0.1)
+            assert "registry unreachable" in restarted.log(200)  # the warning
+        finally:
+            restarted.stop()
+        # No cache at all: not ready, and Score says why.
+        empty = _serve(tracking.uri, tmp_path / "empty-cache")
+        try:
+            with pytest.raises(TimeoutError):
+                empty.wait_ready(8)
+            assert _health(empty.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                _score(empty.address)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "not loaded yet" in (err.value.details() or "")
+            tracking.start()
+            empty.wait_ready(2 * MAX_BACKOFF_S + 30)  # the first version loads: ready
+            assert _score(empty.address).model_version == serving_version
+        finally:
+            empty.stop()
+    finally:
+        tracking.start()
+    shutil.rmtree(tmp_path / "empty-cache", ignore_errors=True)
