@@ -18,7 +18,7 @@ restarts with the same key, never the raw id. A shadow line (``record_shadow``) 
 Where lines go: with a path, appended to that file, one ``write(2)`` per line on a descriptor
 opened with ``O_APPEND`` (line at a time, nothing buffered to lose, no fsync; concurrent
 writers append whole lines; ``reopen()`` after a rotation renamed the file; a record, JSON
-encoding included, measured 10-23 us on a loaded 2-core machine). Without a path, to the logger
+encoding included, measured 7-23 us on a loaded 2-core machine). Without a path, to the logger
 ``ml_serving.decisions`` at INFO, the line itself as the message (it survives any formatter).
 The shadow's text, a completion, goes to the logger only when it is enabled for DEBUG
 (completions are logged at DEBUG only); the file always has it. A failed write is counted
