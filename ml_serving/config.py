@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
@@ -83,6 +84,20 @@ class Settings(BaseSettings):
     """Model served by Score; its promoted version is loaded."""
     model_poll_s: float = Field(default=2.0, gt=0)
     """How often the registry's PROMOTED pointer is checked for a new version."""
+    model_uri: str | None = None
+    """MLflow registry backend: models:/<name>@<alias> (follows the alias, e.g.
+    models:/tips-ranker@champion) or models:/<name>/<version> (pinned). Unset: the file registry
+    under model_root. The name comes from the URI; model_name is then unused."""
+    model_cache_dir: Path = Path(tempfile.gettempdir()) / "ml-serving-model-cache"
+    """Where MLflow versions are downloaded and validated; the last served one starts the server
+    while MLflow is down."""
+    model_poll_max_backoff_s: float = Field(default=30.0, gt=0)
+    """Longest wait between polls while the registry is unreachable (doubling from model_poll_s)."""
+    mlflow_tracking_uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI")
+    )
+    """Standard MLFLOW_TRACKING_URI: the tracking server of model_uri, and where `make train`
+    logs runs and registers versions when set. Credentials: MLflow's own MLFLOW_TRACKING_* vars."""
     max_candidates: int = Field(default=1000, ge=1)
     """Most candidates one Score request may carry."""
 

@@ -45,14 +45,24 @@ class _LiveState(Collector):
         stalled.add_metric([], self._gate.stalled)
         yield stalled
         if self._models is not None:
-            model = self._models.current
+            model = self._models.loaded
             info = GaugeMetricFamily(
                 "mlserving_model_info",
-                "The model version Score serves (value is always 1).",
+                "The model version Score serves (value is always 1; none before one loads).",
                 labels=["name", "version"],
             )
-            info.add_metric([model.name, model.version], 1)
+            if model is not None:
+                info.add_metric([model.name, model.version], 1)
             yield info
+            polls = CounterMetricFamily(
+                "mlserving_model_poll_failures",
+                "Failed model registry polls, by reason: unavailable (registry unreachable) or "
+                "refused (the promoted version failed validation).",
+                labels=["reason"],
+            )
+            for reason in ("unavailable", "refused"):
+                polls.add_metric([reason], self._models.poll_failures[reason])
+            yield polls
 
 
 class Metrics:

@@ -18,6 +18,7 @@ from ml_serving.api.servicer import InferenceServicer
 from ml_serving.config import Settings
 from ml_serving.generation.prompts.registry import PromptRegistry
 from ml_serving.generation.service import Generator
+from ml_serving.scoring import mlflow_registry
 from ml_serving.scoring.model import max_request_bytes
 from ml_serving.scoring.registry import ModelHolder, ModelRegistry
 
@@ -123,7 +124,16 @@ async def start(settings: Settings) -> App:
     """Load the model and prompts (fail fast on bad ones), start listening, then warm the LLM
     gateway in the background; readiness turns SERVING once it is warm."""
     prompts = PromptRegistry(default_version=settings.default_prompt_version)
-    models = ModelHolder(ModelRegistry(settings.model_root), settings.model_name)
+    if settings.model_uri:
+        # MLflow: starts from the local cache; the client is imported by the first poll, in a
+        # thread, so nothing here waits for MLflow (or for its import).
+        models = mlflow_registry.open_holder(
+            settings.model_uri,
+            cache_dir=settings.model_cache_dir,
+            tracking_uri=settings.mlflow_tracking_uri,
+        )
+    else:
+        models = ModelHolder(ModelRegistry(settings.model_root), settings.model_name)
     gate = rpc.Gate(
         limit=settings.max_concurrent_rpcs,
         auth_token=settings.auth_token,
@@ -161,13 +171,14 @@ async def start(settings: Settings) -> App:
     if settings.metrics_port:
         app.metrics_port = metrics.serve(settings.host, settings.metrics_port)
     app._tasks.append(asyncio.create_task(_warm_up(app), name="llm-warm-up"))
-    app._tasks.append(asyncio.create_task(models.watch(settings.model_poll_s), name="model-watch"))
+    watch = models.watch(settings.model_poll_s, settings.model_poll_max_backoff_s)
+    app._tasks.append(asyncio.create_task(watch, name="model-watch"))
     app._tasks.append(asyncio.create_task(rpc.watch_stalls(gate), name="stall-watch"))
     logger.info(
         "listening",
         extra={
             "port": port,
-            "model": f"{models.current.name}:{models.current.version}",
+            "model": f"{models.name}:{models.loaded.version if models.loaded else '(none yet)'}",
             "default_prompt_version": prompts.default_version,
         },
     )
@@ -229,6 +240,8 @@ async def _warm_up(app: App) -> None:
         return
     app.generator.gateway = gateway
     app._tasks.append(asyncio.create_task(_close_at_stop(app), name="llm-close"))
+    # Ready means Score can answer too: a registry down at start with nothing cached holds it.
+    await app.models.wait_loaded()
     await app.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     logger.info("ready", extra={"llm_route": gateway.alias, "llm_routes": list(routes.aliases)})
 
