@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import threading
 import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -41,7 +44,10 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and key[0] != "_":
                 payload[key] = value
-        if record.exc_info:
+        # As logging.Formatter does: a traceback already rendered (and redacted) by a filter wins.
+        if record.exc_text:
+            payload["exc"] = record.exc_text
+        elif record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
         return _ENCODER.encode(payload)
 
@@ -82,6 +88,8 @@ class FieldsLogger:
         )
         attrs["msg"] = msg
         attrs.update(fields)
+        # Which attributes are fields, for RedactingFilter (formatters skip "_" names).
+        attrs["_fields"] = fields
         logger.handle(record)
 
 
@@ -134,8 +142,281 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 self.flush()
 
 
-def configure(level: str, json_lines: bool) -> None:
-    """Install one stderr handler on the root logger (called once, by __main__)."""
+# --- secrets out of every line, whoever logs it -----------------------------------------------
+
+REDACTED = "<redacted>"
+"""What a secret is replaced with in a log line."""
+
+SECRET_ENV_SUFFIXES = ("_API_KEY", "_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
+"""Environment variables whose values are treated as secrets (LLM keys, tokens)."""
+MIN_SECRET_LEN = 8
+"""Shorter values are not redacted: "1" or "true" in a *_KEY variable is no credential, and
+replacing it everywhere would garble every line."""
+
+# Credentials whatever their value: a bearer token, the value after a credential-like header or
+# field name (``authorization: x``, ``('x-api-key', b'x')``, ``api_key='x'``), and the shapes of
+# common provider keys. A value runs to the next space or quote, so a bytes repr (grpc logs
+# b'...' with \\xNN escapes) stays one value.
+_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(?i)\b(bearer)(\s+)(?!<redacted>)[^\s'\"]+"), rf"\1\2{REDACTED}"),
+    (
+        re.compile(
+            r"(?i)\b((?:proxy-)?authorization|x-api-key|x-goog-api-key|api[-_]?key|"
+            r"api[-_]?token|access[-_]?token|auth[-_]?token|client[-_]?secret|secret[-_]?key|"
+            r"password|passwd)"
+            r"(['\"]?\s*[:=,]\s*\(?\s*(?:b?['\"])?)(?!<redacted>|b['\"])(?:(?:bearer|basic)\s+)?"
+            r"[^\s'\",;)}]+"
+        ),
+        rf"\1\2{REDACTED}",
+    ),
+    (
+        # OpenAI-style (sk-, sk-proj-, sk-ant-, sk-or-), Gemini, Groq and xAI keys.
+        re.compile(
+            r"\b(?:sk-[A-Za-z0-9_-]{8,}|AIza[0-9A-Za-z_-]{30,}|gsk_[A-Za-z0-9]{20,}|"
+            r"xai-[A-Za-z0-9]{20,})"
+        ),
+        REDACTED,
+    ),
+)
+# Lowercase substrings of which every match above contains one: a line with none of them (and
+# none of the secret values) needs no regex at all. Most lines, the access line of every RPC
+# among them, are settled by these few substring scans.
+_NEEDLES = ("bearer", "auth", "api", "token", "secret", "passw", "sk-", "aiza", "gsk_", "xai-")
+_HEX_DIGITS = "0123456789abcdefABCDEF"
+_CLEAN_CACHE_SIZE = 4096
+_CLEAN_CACHE_TEXT_LEN = 128
+# Attribute values that never need a look: numbers, flags, None.
+_PLAIN_TYPES = (int, float, bool, type(None))
+
+
+def secret_env_values(environ: Mapping[str, str]) -> list[str]:
+    """The values of ``environ`` variables named like secrets (see SECRET_ENV_SUFFIXES)."""
+    return [
+        value
+        for name, value in environ.items()
+        if name.upper().endswith(SECRET_ENV_SUFFIXES) and len(value) >= MIN_SECRET_LEN
+    ]
+
+
+class RedactingFilter(logging.Filter):
+    """Replaces credentials with ``<redacted>`` in a record's message, arguments, traceback,
+    stack and extra fields, before any formatter sees it.
+
+    Attached to the root handler by ``configure``, so it covers our loggers and every
+    third-party one that propagates to root (grpc, LiteLLM, OpenTelemetry, httpx, aiohttp). It
+    redacts the known secret values (the service token, keys from the environment) and, whatever
+    their value, bearer credentials, credential-named fields and provider-key shapes. A record
+    that needs redacting is formatted here, once: its ``args`` become empty and its exception
+    becomes ``exc_text``.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        # Longest first, so that a secret containing another is replaced whole.
+        values = sorted({s for s in secrets if len(s) >= MIN_SECRET_LEN}, key=len, reverse=True)
+        patterns = list(_PATTERNS)
+        if values:
+            patterns.insert(0, (re.compile("|".join(map(re.escape, values))), REDACTED))
+        self._patterns = tuple(patterns)
+        self._needles = _NEEDLES + tuple(dict.fromkeys(value.lower() for value in values))
+        self._hex_secrets = tuple(n for n in self._needles if not n.strip(_HEX_DIGITS))
+        self._clean: set[str] = set()
+        """Texts found free of secrets: what repeats line after line is scanned once."""
+
+    def suspect(self, text: str) -> bool:
+        """Whether ``text`` may hold something to redact (False means it surely does not)."""
+        if not text.strip(_HEX_DIGITS):
+            # Hex only (the request ids the server makes): every needle has a non-hex letter,
+            # so only a secret that is itself hex can be in it. One C-level pass, not ten.
+            for secret in self._hex_secrets:
+                if secret in text.lower():
+                    return True
+            return False
+        low = text.lower()
+        for needle in self._needles:
+            if needle in low:
+                return True
+        return False
+
+    def redact(self, text: str) -> str:
+        """``text`` with every credential replaced (the same object when there is none)."""
+        if not self.suspect(text):
+            return text
+        for pattern, replacement in self._patterns:
+            text = pattern.sub(replacement, text)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if (
+            record.args
+            or record.exc_info
+            or record.exc_text
+            or record.stack_info
+            or type(msg) is not str
+        ):
+            self._redact_record(record)
+            return True
+        # The cheap path: the message and each text field, looked up among the texts already
+        # found clean (an access line repeats all but its request id) or scanned once.
+        attrs = record.__dict__
+        fields = attrs.get("_fields")  # from FieldsLogger: no set difference to find them
+        values = (
+            fields.values()
+            if fields is not None
+            else [attrs[key] for key in attrs.keys() - _STANDARD_ATTRS]
+        )
+        clean = self._clean
+        # Every formatter here prints the request id of the call being logged; the caller
+        # chooses it (x-request-id), so it is checked like a field.
+        for value in (msg, request_id_var.get(), *values):
+            if type(value) is not str:
+                if isinstance(value, _PLAIN_TYPES):
+                    continue
+                self._redact_record(record)
+                return True
+            if value in clean:
+                continue
+            if self.suspect(value):
+                self._redact_record(record)
+                return True
+            if len(clean) >= _CLEAN_CACHE_SIZE:
+                clean.clear()  # bounded: unique texts (request ids) would fill it
+            if len(value) <= _CLEAN_CACHE_TEXT_LEN:
+                clean.add(value)
+        return True
+
+    def _redact_record(self, record: logging.LogRecord) -> None:
+        if isinstance(record.args, tuple) and record.args and not _is_ours(record.name):
+            # Raw bytes in a library's line are wire data, such as a header value grpc could
+            # not decode (it does not log the header's name, so any credential may be in it):
+            # say how long, never what.
+            record.args = tuple(
+                f"<{len(arg)} bytes>" if isinstance(arg, bytes | bytearray) else arg
+                for arg in record.args
+            )
+        try:
+            message = record.getMessage()
+        except Exception:
+            # The formatter would fail on these arguments and logging would print them raw to
+            # stderr (Handler.handleError): keep them, as text, through the redaction instead.
+            message = f"{record.msg} {record.args!r}"
+        record.msg = self.redact(message)
+        record.args = None
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            # Nothing downstream may render the raw exception again.
+            record.exc_info = None
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        attrs = record.__dict__
+        for key in attrs.keys() - _STANDARD_ATTRS:
+            if key[0] != "_":
+                attrs[key] = self._redact_value(attrs[key])
+        request_id = request_id_var.get()
+        if "request_id" not in attrs and self.suspect(request_id):
+            attrs["request_id"] = self.redact(request_id)
+
+    def _redact_value(self, value: Any, depth: int = 0) -> Any:
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, _PLAIN_TYPES):
+            return value
+        if depth < 4 and isinstance(value, list | tuple):
+            return [self._redact_value(item, depth + 1) for item in value]
+        if depth < 4 and isinstance(value, dict):
+            return {str(key): self._redact_value(item, depth + 1) for key, item in value.items()}
+        # JsonFormatter writes any other object as str(): redact that text instead.
+        return self.redact(str(value))
+
+
+# --- no flooding route through third-party errors ---------------------------------------------
+
+
+def _is_ours(name: str) -> bool:
+    return name == "ml_serving" or name.startswith("ml_serving.")
+
+
+class ThirdPartyFloodFilter(logging.Filter):
+    """Rate-limits WARNING and above from loggers outside ``ml_serving``, and cuts their
+    tracebacks to the exception line.
+
+    A client can make grpc log an ERROR with a traceback per call (a non-ASCII header byte):
+    without this, every such call is a few KB of log. A record passes when no record with the
+    same logger, level and message template passed in the last ``window_s`` seconds, and its
+    logger has passed fewer than ``per_logger`` lines in the current window (messages with the
+    variable part already formatted in would each look like a new template). The next line a
+    logger passes says how many of its lines were dropped before it (field ``suppressed``).
+    """
+
+    def __init__(
+        self,
+        window_s: float = 60.0,
+        per_logger: int = 20,
+        clock: Callable[[], float] = time.monotonic,
+        max_templates: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.per_logger = per_logger
+        self._clock = clock
+        self._max_templates = max_templates
+        self._lock = threading.Lock()  # Handler.handle calls filters outside the handler lock
+        self._passed: dict[tuple[str, int, str], float] = {}
+        """(logger, level, template) -> when a record of it last passed."""
+        self._loggers: dict[str, list[float]] = {}
+        """logger -> [window start, lines passed in the window, dropped since the last pass]."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or _is_ours(record.name):
+            return True
+        with self._lock:
+            suppressed = self._admit((record.name, record.levelno, str(record.msg)))
+        if suppressed is None:
+            return False
+        if suppressed:
+            record.suppressed = suppressed
+            if isinstance(record.msg, str):
+                record.msg = f"{record.msg} [{suppressed} similar lines suppressed before this]"
+        if record.exc_info and record.exc_info[1] is not None:
+            # The exception line says what happened; a library's stack only floods the log.
+            record.exc_text = "".join(traceback.format_exception_only(record.exc_info[1])).strip()
+            record.exc_info = None
+        return True
+
+    def _admit(self, key: tuple[str, int, str]) -> int | None:
+        """None to drop the record, else how many to report as dropped before it."""
+        now = self._clock()
+        state = self._loggers.get(key[0])
+        if state is None:
+            state = self._loggers[key[0]] = [now, 0, 0]
+        elif now - state[0] >= self.window_s:
+            state[0], state[1] = now, 0
+        last = self._passed.get(key)
+        if (last is not None and now - last < self.window_s) or state[1] >= self.per_logger:
+            state[2] += 1
+            return None
+        if len(self._passed) >= self._max_templates:
+            # Bounded memory: forget templates whose window has passed (all, if none has).
+            stale = [k for k, t in self._passed.items() if now - t >= self.window_s]
+            for k in stale or list(self._passed):
+                del self._passed[k]
+        self._passed[key] = now
+        suppressed = int(state[2])
+        state[1] += 1
+        state[2] = 0
+        return suppressed
+
+
+def configure(level: str, json_lines: bool, secrets: Iterable[str] = ()) -> None:
+    """Install one stderr handler on the root logger (called once, by __main__).
+
+    Every record it writes passes ``ThirdPartyFloodFilter`` then ``RedactingFilter``, which
+    replaces ``secrets`` (the service token, keys from the environment) and any bearer
+    credential or provider-key shape, in whatever line carries them.
+    """
     # Our formats never show the caller's file, thread or process: skip collecting them
     # (the logging HOWTO's "Optimization" section); findCaller alone walks the stack per line.
     logging._srcfile = None
@@ -145,6 +426,10 @@ def configure(level: str, json_lines: bool) -> None:
     if sys.version_info >= (3, 12):
         logging.logAsyncioTasks = False
     handler = BatchingHandler()
+    # Flood filter first: it drops records before the redaction work, and cuts tracebacks
+    # that the redaction then scans.
+    handler.addFilter(ThirdPartyFloodFilter())
+    handler.addFilter(RedactingFilter(secrets))
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:

@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from ml_serving.observability import tracing
 from tests.support.requests import generate_stream_request
@@ -50,7 +51,8 @@ async def test_cancelled_streams_end_their_spans_without_error_logs(
     # the event loop finalises the stream in another Context (what used to log two ERRORs).
     for _ in range(5):
         call = stub.GenerateStream(generate_stream_request(), timeout=10)
-        assert (await call.read()).text_delta
+        first = await call.read()
+        assert isinstance(first, pb.GenerateStreamResponse) and first.text_delta
         call.cancel()
 
     def finished(name: str) -> int:
@@ -91,4 +93,7 @@ def test_a_span_ended_where_it_started_restores_the_context(spans: InMemorySpanE
     rpc_span.end("OK", {})
     assert trace.get_current_span() is before
     child = next(span for span in spans.get_finished_spans() if span.name == "child")
-    assert child.parent is not None and child.parent.span_id == rpc_span.span.context.span_id
+    assert (
+        child.parent is not None
+        and child.parent.span_id == rpc_span.span.get_span_context().span_id
+    )
