@@ -8,18 +8,21 @@ that wants all of them opens several). Worker k serves /metrics on ML_SERVING_ME
 
 The supervisor forwards SIGTERM/SIGINT (each worker drains as usual), restarts a worker that
 dies while serving, and gives up (exit 1) when one keeps dying right after start, or at once
-(exit 2) when a worker reports a configuration error.
+(exit 2) when a worker reports a configuration error. Workers drain and exit when the supervisor
+dies, however it dies (kill -9 included): each holds the read end of a pipe whose write end only
+the supervisor has, and the kernel closes that when the supervisor's process ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -36,16 +39,50 @@ _MAX_QUICK_DEATHS = 5
 """Quick deaths in a row (no worker lasting longer in between) before the supervisor gives up."""
 _KILL_MARGIN_S = 10.0
 """Beyond the drain grace, how long workers get before they are killed."""
+SUPERVISOR_FD_ENV = "ML_SERVING_SUPERVISOR_FD"
+"""Set in a worker's environment by the supervisor (not an operator setting): the worker's file
+descriptor for the read end of the supervisor's lifeline pipe."""
 
 
-def worker_env(settings: Settings, index: int, base: Mapping[str, str]) -> dict[str, str]:
-    """The environment of worker `index`: the supervisor's, as one reuse-port worker."""
+def worker_env(
+    settings: Settings, index: int, base: Mapping[str, str], lifeline_fd: int | None = None
+) -> dict[str, str]:
+    """The environment of worker `index`: the supervisor's, as one reuse-port worker (watching
+    `lifeline_fd` for the supervisor's end, when given)."""
     env = dict(base)
     env["ML_SERVING_WORKERS"] = "1"
     env["ML_SERVING_REUSE_PORT"] = "true"
     metrics_port = settings.metrics_port + index if settings.metrics_port else 0
     env["ML_SERVING_METRICS_PORT"] = str(metrics_port)
+    env.pop(SUPERVISOR_FD_ENV, None)
+    if lifeline_fd is not None:
+        env[SUPERVISOR_FD_ENV] = str(lifeline_fd)
     return env
+
+
+def watch_supervisor(loop: asyncio.AbstractEventLoop, fd: int, on_gone: Callable[[], None]) -> None:
+    """Call `on_gone` once when the supervisor's lifeline pipe `fd` reaches end of file.
+
+    Nothing is ever written to the pipe: end of file means every write end is closed, which
+    happens when the supervisor's process ends. Had it ended before this call (while the worker
+    was starting), the end of file is already there and `on_gone` runs at the loop's next turn.
+    """
+    os.set_blocking(fd, False)
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            return  # never sent; tolerate it rather than treat it as the end
+        loop.remove_reader(fd)
+        os.close(fd)
+        on_gone()
+
+    loop.add_reader(fd, readable)
 
 
 @dataclass
@@ -65,11 +102,16 @@ class Supervisor:
         self.stopping = False
         self.quick_deaths = 0
         self._kill_after = float("inf")
+        self._lifeline: tuple[int, int] | None = None
+        """(read end, write end): every worker inherits the read end; only we hold the write
+        end, so the kernel closing it at our exit is the workers' signal to drain and exit."""
 
     def run(self) -> int:
         """Serve until signalled or a worker fails for good; return the exit code."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        if self._lifeline is None:
+            self._lifeline = os.pipe()  # not inheritable: only pass_fds hands the read end on
         logger.info(
             "supervisor starting workers",
             extra={"workers": self.settings.workers, "port": self.settings.port},
@@ -106,8 +148,10 @@ class Supervisor:
             _signal(worker.process, signal.SIGTERM)
 
     def _start(self, index: int) -> None:
-        env = worker_env(self.settings, index, os.environ)
-        process = subprocess.Popen(self.command, env=env)
+        assert self._lifeline is not None, "run() creates the lifeline before any worker"
+        read_end = self._lifeline[0]
+        env = worker_env(self.settings, index, os.environ, lifeline_fd=read_end)
+        process = subprocess.Popen(self.command, env=env, pass_fds=(read_end,))
         self.workers[index] = _Worker(index, process)
         logger.info("worker started", extra={"worker": index, "pid": process.pid})
 

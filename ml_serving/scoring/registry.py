@@ -241,13 +241,20 @@ class ModelRegistry:
             previous: str | None = self.promoted_version(name)
         except RegistryError:
             previous = None
-        _atomic_write_bytes(self.root / name / PROMOTED_FILE, f"{version}\n".encode())
-        card_path = self.root / name / version / CARD_FILE
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        card.setdefault("rollout_history", []).append(
-            {"event": "promoted", "at": _utc_now(), "previous_version": previous, "note": note}
-        )
-        _atomic_write_bytes(card_path, dump_card(card))
+        path = self.root / name / PROMOTED_FILE
+        try:
+            _atomic_write_bytes(path, f"{version}\n".encode())
+            path = self.root / name / version / CARD_FILE
+            card = json.loads(path.read_text(encoding="utf-8"))
+            card.setdefault("rollout_history", []).append(
+                {"event": "promoted", "at": _utc_now(), "previous_version": previous, "note": note}
+            )
+            _atomic_write_bytes(path, dump_card(card))
+        except OSError as exc:
+            # A failed write (a full disk, a file size limit) names no file: say which one.
+            if exc.filename is None:
+                exc.filename = str(path)
+            raise
         logger.info("model %s: promoted version %s (was %s)", name, version, previous)
         return model
 
@@ -457,8 +464,13 @@ def _cmd_list(registry: ModelRegistry, names: Sequence[str]) -> int:
     return 0
 
 
+ENVIRONMENT_ERROR_EXIT: Final = 2
+"""The CLI's exit code when registry files cannot be read or written (1: a refused version)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``list`` versions (``*`` marks the promoted one) or ``promote`` one."""
+    """CLI: ``list`` versions (``*`` marks the promoted one) or ``promote`` one; exit 1 when the
+    registry refuses (unknown or invalid version), 2 when its files cannot be read or written."""
     parser = argparse.ArgumentParser(
         prog="python -m ml_serving.scoring.registry", description=__doc__
     )
@@ -480,6 +492,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # The registry's files cannot be read or written (read-only, full, a directory where a
+        # file belongs): an environment error, exit 2 as for `python -m ml_serving`.
+        where = f": {exc.filename}" if exc.filename else f" under {args.root}"
+        print(f"error: cannot {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return ENVIRONMENT_ERROR_EXIT
     print(f"promoted {args.name} version {args.version}")
     return 0
 
