@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from ml_serving import errors
-from ml_serving._proto.mlserving.v1 import generation_pb2, prompt_pb2
+from ml_serving._proto.mlserving.v1 import generation_pb2, prompt_pb2, scoring_pb2
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from ml_serving.api import rpc
@@ -19,7 +19,7 @@ from ml_serving.generation.context import TipSignals
 from ml_serving.generation.prompts.registry import PromptRegistry
 from ml_serving.generation.service import GenerationRequest, GenerationResult, Generator
 from ml_serving.observability import tracing
-from ml_serving.scoring.model import refuse_too_many_candidates, score
+from ml_serving.scoring.model import refuse_too_many_candidates, score, score_columnar
 from ml_serving.scoring.registry import ModelHolder
 
 _EXPERIENCE = {
@@ -35,6 +35,7 @@ _FINISH = {
 }
 
 _NO_FINISH = generation_pb2.FINISH_REASON_UNSPECIFIED
+_LAYOUTS = frozenset(scoring_pb2.ScoreLayout.values())
 
 GenerateLike = pb.GenerateRequest | pb.GenerateStreamRequest
 
@@ -63,32 +64,58 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         context: grpc.aio.ServicerContext[pb.ScoreRequest, pb.ScoreResponse],
     ) -> pb.ScoreResponse:
         model = self._models.current  # one version for the whole request, even mid-promotion
+        max_candidates = self._settings.max_candidates
+        columnar = len(request.candidate_ids) > 0 or len(request.candidate_values) > 0
+        if columnar and len(request.candidates) > 0:
+            raise errors.InvalidArgument(
+                "candidates", "send candidates, or candidate_ids with candidate_values, not both"
+            )
+        layout = request.response_layout
+        if layout not in _LAYOUTS:
+            raise errors.InvalidArgument("response_layout", f"unknown value {layout}")
+        n = len(request.candidate_ids) if columnar else len(request.candidates)
         # Counted before anything is built per candidate: an oversized request costs no more.
         refuse_too_many_candidates(
             context_feature_names=request.context_feature_names,
             context_values=request.context_values,
             candidate_feature_names=request.candidate_feature_names,
-            n_candidates=len(request.candidates),
-            max_candidates=self._settings.max_candidates,
+            n_candidates=n,
+            max_candidates=max_candidates,
+            columnar=columnar,
         )
-        # A list first: iterating the repeated field builds a wrapper per element per pass.
-        candidates = request.candidates[:]
-        ids = [c.id for c in candidates]
-        rows = [c.values for c in candidates]
-        with tracing.child_span("score.model", candidates=len(ids)):
-            result = score(
-                model,
-                context_feature_names=request.context_feature_names,
-                context_values=request.context_values,
-                candidate_feature_names=request.candidate_feature_names,
-                candidate_ids=ids,
-                candidate_values=rows,
-                max_candidates=self._settings.max_candidates,
-            )
-        rpc.annotate(model=f"{result.model_name}:{result.model_version}", candidates=len(ids))
+        with tracing.child_span("score.model", candidates=n):
+            if columnar:
+                ids = request.candidate_ids[:]
+                result = score_columnar(
+                    model,
+                    context_feature_names=request.context_feature_names,
+                    context_values=request.context_values,
+                    candidate_feature_names=request.candidate_feature_names,
+                    candidate_ids=ids,
+                    candidate_values=request.candidate_values,
+                    max_candidates=max_candidates,
+                )
+            else:
+                # A list first: iterating the repeated field builds a wrapper per element.
+                candidates = request.candidates[:]
+                ids = [c.id for c in candidates]
+                result = score(
+                    model,
+                    context_feature_names=request.context_feature_names,
+                    context_values=request.context_values,
+                    candidate_feature_names=request.candidate_feature_names,
+                    candidate_ids=ids,
+                    candidate_values=[c.values for c in candidates],
+                    max_candidates=max_candidates,
+                )
+        rpc.annotate(model=f"{result.model_name}:{result.model_version}", candidates=n)
         response = pb.ScoreResponse(
             model_name=result.model_name, model_version=result.model_version
         )
+        if layout == scoring_pb2.SCORE_LAYOUT_COLUMNS:
+            response.candidate_ids.extend(ids)
+            response.candidate_scores.extend(result.scores.tolist())
+            return response
         add = response.scores.add  # 3x faster than building CandidateScore messages in a list
         for candidate_id, value in zip(ids, result.scores.tolist(), strict=True):
             add(id=candidate_id, score=value)

@@ -62,14 +62,16 @@ def refuse_too_many_candidates(
     candidate_feature_names: Sequence[str],
     n_candidates: int,
     max_candidates: int,
+    columnar: bool = False,
 ) -> None:
-    """Raise the error ``align_request`` would give a request of `n_candidates` candidates when
-    that is over `max_candidates`, without reading one candidate (the caller has only counted
-    them); faults in the fields checked before the count (names, context values) come first."""
+    """Raise the error ``align_request`` (``align_columnar_request`` if `columnar`) would give
+    a request of `n_candidates` candidates when that is over `max_candidates`, without reading
+    one candidate (the caller has only counted them); faults in the fields checked before the
+    count (names, context values) come first."""
     if n_candidates <= max_candidates:
         return
     count = _Count(n_candidates)
-    align_request(
+    (align_columnar_request if columnar else align_request)(
         context_feature_names=context_feature_names,
         context_values=context_values,
         candidate_feature_names=candidate_feature_names,
@@ -321,8 +323,66 @@ def align_request(
         _check_context_values(ctx_align, values[:n_ctx])
         _check_candidate_values(cand_align, values[n_ctx:])
         raise AssertionError("unreachable: a value was found faulty")  # pragma: no cover
+    return _place(ctx_align, cand_align, raw, n)
+
+
+def align_columnar_request(
+    *,
+    context_feature_names: Sequence[str],
+    context_values: Sequence[float],
+    candidate_feature_names: Sequence[str],
+    candidate_ids: Sequence[str],
+    candidate_values: Sequence[float],
+    max_candidates: int,
+) -> AlignedRequest:
+    """``align_request`` for the columnar form: ``candidate_values`` holds every candidate's
+    values row-major, ``len(candidate_ids)`` rows of ``len(candidate_feature_names)``. Errors
+    name the columnar fields (``candidate_ids[i]``, ``candidate_values[j]`` and the candidate
+    it falls in), in the same order as ``align_request``'s."""
+    ctx_align = _alignment(Group.CONTEXT, tuple(context_feature_names))
+    n_ctx = len(ctx_align.names)
+    if len(context_values) != n_ctx:
+        raise InvalidArgument(
+            "context_values",
+            f"expected {n_ctx} values (one per context_feature_names entry), "
+            f"got {len(context_values)}",
+        )
+    try:
+        cand_align = _alignment(Group.CANDIDATE, tuple(candidate_feature_names))
+        k = len(cand_align.names)
+        n = _check_candidate_count(len(candidate_ids), max_candidates, "candidate_ids")
+        _check_ids(candidate_ids, n, "candidate_ids[{}]")
+        if len(candidate_values) != n * k:
+            raise InvalidArgument(
+                "candidate_values",
+                f"expected {n} x {k} = {n * k} values (one row of candidate_feature_names per "
+                f"candidate_ids entry, row-major), got {len(candidate_values)}",
+            )
+    except InvalidArgument:
+        _check_context_values(ctx_align, _floats((context_values,), n_ctx))
+        raise
+    raw = _finite_float32((context_values, candidate_values), n_ctx + n * k)
+    if raw is None:
+        values = _floats((context_values, candidate_values), n_ctx + n * k)
+        _check_context_values(ctx_align, values[:n_ctx])
+        bad = _first_bad(values[n_ctx:])
+        assert bad is not None
+        i, j = divmod(bad, k)
+        raise InvalidArgument(
+            f"candidate_values[{bad}]",
+            f"feature {cand_align.names[j]!r} of candidate {i} ({echo(candidate_ids[i])}) "
+            f"must be a finite float32, got {values[n_ctx + bad]}",
+        )
+    return _place(ctx_align, cand_align, raw, n)
+
+
+def _place(
+    ctx_align: _Alignment, cand_align: _Alignment, raw: Float32Array, n: int
+) -> AlignedRequest:
+    """Context row and candidate matrix in model order from the request's checked values."""
+    n_ctx = len(ctx_align.names)
     context = _place_row(ctx_align, raw[:n_ctx])
-    cand32 = raw[n_ctx:].reshape(n, k)
+    cand32 = raw[n_ctx:].reshape(n, len(cand_align.names))
     if cand_align.positions is None:
         candidates = cand32
     else:
@@ -330,6 +390,25 @@ def align_request(
         candidates[:] = cand_align.base
         candidates[:, cand_align.positions] = cand32
     return AlignedRequest(context, candidates)
+
+
+def _check_candidate_count(n: int, max_candidates: int, field: str) -> int:
+    if n == 0:
+        raise InvalidArgument(field, "at least one candidate is required")
+    if n > max_candidates:
+        raise InvalidArgument(field, f"at most {max_candidates} candidates per request, got {n}")
+    return n
+
+
+def _check_ids(candidate_ids: Sequence[str], n: int, field: str) -> None:
+    """Ids non-empty, unique and short; `field` formats the path of the i-th one."""
+    # C-level checks for the common valid case; the loop only runs to name the culprit.
+    if (
+        not all(candidate_ids)
+        or len(set(candidate_ids)) != n
+        or max(map(len, candidate_ids)) > MAX_CANDIDATE_ID_CHARS
+    ):
+        _raise_bad_id(candidate_ids, field)
 
 
 def _check_candidate_shape(
@@ -343,19 +422,8 @@ def _check_candidate_shape(
     if len(candidate_ids) != n:
         # The servicer builds both sequences from one repeated field: a mismatch is our bug.
         raise ValueError(f"{len(candidate_ids)} candidate ids for {n} value lists")
-    if n == 0:
-        raise InvalidArgument("candidates", "at least one candidate is required")
-    if n > max_candidates:
-        raise InvalidArgument(
-            "candidates", f"at most {max_candidates} candidates per request, got {n}"
-        )
-    # C-level checks for the common valid case; the loops only run to name the culprit.
-    if (
-        not all(candidate_ids)
-        or len(set(candidate_ids)) != n
-        or max(map(len, candidate_ids)) > MAX_CANDIDATE_ID_CHARS
-    ):
-        _raise_bad_id(candidate_ids)
+    _check_candidate_count(n, max_candidates, "candidates")
+    _check_ids(candidate_ids, n, "candidates[{}].id")
     k = len(align.names)
     lengths = list(map(len, candidate_values))
     if lengths.count(k) != n:
@@ -386,20 +454,19 @@ def _check_candidate_values(align: _Alignment, values: Float64Array) -> None:
         )
 
 
-def _raise_bad_id(candidate_ids: Sequence[str]) -> NoReturn:
+def _raise_bad_id(candidate_ids: Sequence[str], field: str) -> NoReturn:
     first_index: dict[str, int] = {}
     for i, cid in enumerate(candidate_ids):
         if not cid:
-            raise InvalidArgument(f"candidates[{i}].id", "must be non-empty")
+            raise InvalidArgument(field.format(i), "must be non-empty")
         if len(cid) > MAX_CANDIDATE_ID_CHARS:
             raise InvalidArgument(
-                f"candidates[{i}].id",
-                f"{echo(cid)} is longer than {MAX_CANDIDATE_ID_CHARS} characters",
+                field.format(i), f"{echo(cid)} is longer than {MAX_CANDIDATE_ID_CHARS} characters"
             )
         if cid in first_index:
             raise InvalidArgument(
-                f"candidates[{i}].id",
-                f"duplicate id {echo(cid)} (also candidates[{first_index[cid]}].id)",
+                field.format(i),
+                f"duplicate id {echo(cid)} (also {field.format(first_index[cid])})",
             )
         first_index[cid] = i
     raise AssertionError("unreachable: the ids were found faulty")
@@ -425,6 +492,28 @@ def score(
 ) -> ScoreResult:
     """Validate, align and score one request with ``model`` (see ``align_request``)."""
     req = align_request(
+        context_feature_names=context_feature_names,
+        context_values=context_values,
+        candidate_feature_names=candidate_feature_names,
+        candidate_ids=candidate_ids,
+        candidate_values=candidate_values,
+        max_candidates=max_candidates,
+    )
+    return ScoreResult(model.predict(req.context, req.candidates), model.name, model.version)
+
+
+def score_columnar(
+    model: Model,
+    *,
+    context_feature_names: Sequence[str],
+    context_values: Sequence[float],
+    candidate_feature_names: Sequence[str],
+    candidate_ids: Sequence[str],
+    candidate_values: Sequence[float],
+    max_candidates: int,
+) -> ScoreResult:
+    """Validate, align and score one columnar request (see ``align_columnar_request``)."""
+    req = align_columnar_request(
         context_feature_names=context_feature_names,
         context_values=context_values,
         candidate_feature_names=candidate_feature_names,

@@ -94,3 +94,15 @@ def generate_stream_request(prompt_version: str = "", **context: Any) -> pb.Gene
     return pb.GenerateStreamRequest.FromString(
         generate_request(prompt_version, **context).SerializeToString()
     )
+
+
+def columnar(request: pb.ScoreRequest, layout: int = 0) -> pb.ScoreRequest:
+    """The same Score request in the columnar form (candidate_ids + row-major candidate_values),
+    asking for the response `layout` (a scoring_pb2.ScoreLayout value)."""
+    out = pb.ScoreRequest()
+    out.CopyFrom(request)
+    del out.candidates[:]
+    out.candidate_ids.extend(c.id for c in request.candidates)
+    out.candidate_values.extend(v for c in request.candidates for v in c.values)
+    out.response_layout = layout  # type: ignore[assignment]
+    return out

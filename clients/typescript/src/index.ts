@@ -28,6 +28,7 @@ import {
   ScoreRequest,
   type ScoreResponse,
 } from "./gen/mlserving/v1/inference_service";
+import { ScoreLayout } from "./gen/mlserving/v1/scoring";
 
 export * from "./gen/mlserving/v1/generation";
 export * from "./gen/mlserving/v1/inference_service";
@@ -47,6 +48,54 @@ export type { ChannelCredentials, ChannelOptions, ServiceError };
 
 /** Fully qualified name of the service, also its name in grpc.health.v1.Health. */
 export const SERVICE_NAME = "mlserving.v1.InferenceService";
+
+/** One candidate tip with its features by name (see `columnarScoreRequest`). */
+export interface NamedCandidate {
+  id: string;
+  features: Record<string, number>;
+}
+
+/**
+ * A Score request in the columnar form, which the server decodes without an object per candidate:
+ * candidate ids as one list and every candidate's values as one packed, row-major float list,
+ * asking for the columnar response (ids and scores as two lists; read it with `scoresOf`).
+ * Feature names come from the context object and from the first candidate; every candidate must
+ * carry the same names.
+ */
+export function columnarScoreRequest(args: {
+  userId: string;
+  context: Record<string, number>;
+  candidates: NamedCandidate[];
+}): ScoreRequest {
+  const candidateFeatureNames = Object.keys(args.candidates[0]?.features ?? {});
+  const candidateValues: number[] = [];
+  for (const candidate of args.candidates) {
+    const names = Object.keys(candidate.features);
+    if (names.length !== candidateFeatureNames.length) {
+      throw new Error(`candidate ${candidate.id} has features ${names.join(", ")}; expected ${candidateFeatureNames.join(", ")}`);
+    }
+    for (const name of candidateFeatureNames) {
+      const value = candidate.features[name];
+      if (value === undefined) throw new Error(`candidate ${candidate.id} has no feature ${name}`);
+      candidateValues.push(value);
+    }
+  }
+  return ScoreRequest.fromPartial({
+    userId: args.userId,
+    contextFeatureNames: Object.keys(args.context),
+    contextValues: Object.values(args.context),
+    candidateFeatureNames,
+    candidateIds: args.candidates.map((c) => c.id),
+    candidateValues,
+    responseLayout: ScoreLayout.SCORE_LAYOUT_COLUMNS,
+  });
+}
+
+/** The scores of a ScoreResponse in request order, whichever layout the request asked for. */
+export function scoresOf(response: ScoreResponse): { id: string; score: number }[] {
+  if (response.scores.length > 0) return response.scores.map((s) => ({ id: s.id, score: s.score }));
+  return response.candidateIds.map((id, i) => ({ id, score: response.candidateScores[i] ?? Number.NaN }));
+}
 
 /** Per-method default deadlines in milliseconds. */
 export interface Deadlines {

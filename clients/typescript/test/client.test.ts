@@ -60,6 +60,8 @@ const fake: InferenceServiceServer = {
         scores: call.request.candidates.map((c) => ({ id: c.id, score: 0.5 })),
         modelName: "fake",
         modelVersion: "1",
+        candidateIds: [],
+        candidateScores: [],
       });
     if (scoreDelayMs > 0) setTimeout(answer, scoreDelayMs);
     else answer();

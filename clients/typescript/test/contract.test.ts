@@ -10,10 +10,13 @@ import {
   type GenerateStreamEnd,
   InferenceClient,
   type ListPromptVersionsResponse,
+  ScoreLayout,
   ScoreRequest,
   UnknownPromptVersionError,
+  columnarScoreRequest,
   createPromptVersionSelector,
   isServiceError,
+  scoresOf,
   status,
 } from "../src/index";
 import { REPO_ROOT, type RunningServer, startServer } from "./server";
@@ -66,28 +69,54 @@ describe("contract: TypeScript client against the Python server", () => {
     }
   });
 
-  it("Score ranks the ghz scenario's 20 candidates in request order", async () => {
+  it("Score ranks the ghz scenario's 20 candidates (columnar form) in request order", async () => {
     const request = scoreScenario();
-    assert.equal(request.candidates.length, 20);
-    assert.ok(request.contextFeatureNames.length > 0 && request.candidateFeatureNames.length > 0);
+    assert.equal(request.candidateIds.length, 20);
+    assert.equal(request.candidateValues.length, 20 * request.candidateFeatureNames.length);
+    assert.equal(request.responseLayout, ScoreLayout.SCORE_LAYOUT_COLUMNS);
 
     const response = await client.score(request, { requestId: "ts-contract-score" });
-    assert.equal(response.scores.length, 20);
-    assert.deepEqual(
-      response.scores.map((s) => s.id),
-      request.candidates.map((c) => c.id),
-    );
-    for (const s of response.scores) assert.ok(s.score >= 0 && s.score <= 1, `score ${s.score} of ${s.id}`);
+    assert.equal(response.scores.length, 0, "asked for the columnar layout");
+    assert.deepEqual(response.candidateIds, request.candidateIds);
+    assert.equal(response.candidateScores.length, 20);
+    for (const s of scoresOf(response)) assert.ok(s.score >= 0 && s.score <= 1, `score ${s.score} of ${s.id}`);
     assert.equal(response.modelName, "tips-ranker");
     assert.ok(response.modelVersion.length > 0, "model_version is empty");
   });
 
+  it("columnarScoreRequest, the per-candidate form and both layouts give the same scores", async () => {
+    const scenario = scoreScenario();
+    const k = scenario.candidateFeatureNames.length;
+    const named = scenario.candidateIds.map((id, i) => ({
+      id,
+      features: Object.fromEntries(
+        scenario.candidateFeatureNames.map((name, j) => [name, scenario.candidateValues[i * k + j] ?? Number.NaN]),
+      ),
+    }));
+    const context = Object.fromEntries(
+      scenario.contextFeatureNames.map((name, j) => [name, scenario.contextValues[j] ?? Number.NaN]),
+    );
+    const built = columnarScoreRequest({ userId: "user-7", context, candidates: named });
+    const perCandidate = ScoreRequest.fromPartial({
+      userId: "user-7",
+      contextFeatureNames: scenario.contextFeatureNames,
+      contextValues: scenario.contextValues,
+      candidateFeatureNames: scenario.candidateFeatureNames,
+      candidates: named.map((c) => ({ id: c.id, values: scenario.candidateFeatureNames.map((n) => c.features[n] ?? 0) })),
+    });
+    const columns = scoresOf(await client.score(built));
+    const rows = await client.score(perCandidate);
+    assert.equal(rows.scores.length, 20, "the default layout is one CandidateScore each");
+    assert.deepEqual(columns, scoresOf(rows));
+    assert.deepEqual(columns, scoresOf(await client.score(scenario)));
+  });
+
   it("Score names the offending field on a bad request", async () => {
-    const err = await client.score({ ...scoreScenario(), candidates: [] }).then(
-      () => assert.fail("Score accepted no candidates"),
+    const err = await client.score({ ...scoreScenario(), candidateValues: [0.5] }).then(
+      () => assert.fail("Score accepted a short candidate_values"),
       (e: unknown) => e,
     );
-    assert.match(detailsOf(err, status.INVALID_ARGUMENT), /candidates/);
+    assert.match(detailsOf(err, status.INVALID_ARGUMENT), /^candidate_values: expected 20 x /);
   });
 
   it("Generate with no version uses the server default and echoes version, hash and model", async () => {

@@ -25,6 +25,9 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class ScoreRequest(_message.Message):
     """ScoreRequest carries one user's context and the candidate tips to rank. Feature names are
     sent once per request; values travel as packed floats in the order of those names.
+    Candidates come in one of two forms, never both: one Candidate message each (candidates), or
+    columnar (candidate_ids with candidate_values), which decodes without an object per
+    candidate and is what the clients and the bench send.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -34,10 +37,15 @@ class ScoreRequest(_message.Message):
     CONTEXT_VALUES_FIELD_NUMBER: _builtins.int
     CANDIDATE_FEATURE_NAMES_FIELD_NUMBER: _builtins.int
     CANDIDATES_FIELD_NUMBER: _builtins.int
+    CANDIDATE_IDS_FIELD_NUMBER: _builtins.int
+    CANDIDATE_VALUES_FIELD_NUMBER: _builtins.int
+    RESPONSE_LAYOUT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user being scored for. Not a model input, and kept out of logs: a user id is personal
     data.
     """
+    response_layout: _scoring_pb2.ScoreLayout.ValueType
+    """How the response lists the scores; unspecified means one CandidateScore each (scores)."""
     @_builtins.property
     def context_feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the user context features, in the order of context_values."""
@@ -54,6 +62,18 @@ class ScoreRequest(_message.Message):
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[_scoring_pb2.Candidate]:
         """The candidate tips to score: at least one, at most the server's limit, ids unique."""
 
+    @_builtins.property
+    def candidate_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Columnar form: the candidates' ids (non-empty, unique, at most 64 characters), one per
+        candidate, at least one and at most the server's limit.
+        """
+
+    @_builtins.property
+    def candidate_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Columnar form: every candidate's values in row-major order, len(candidate_ids) rows of
+        len(candidate_feature_names) values each.
+        """
+
     def __init__(
         self,
         *,
@@ -62,10 +82,13 @@ class ScoreRequest(_message.Message):
         context_values: _abc.Iterable[_builtins.float] | None = ...,
         candidate_feature_names: _abc.Iterable[_builtins.str] | None = ...,
         candidates: _abc.Iterable[_scoring_pb2.Candidate] | None = ...,
+        candidate_ids: _abc.Iterable[_builtins.str] | None = ...,
+        candidate_values: _abc.Iterable[_builtins.float] | None = ...,
+        response_layout: _scoring_pb2.ScoreLayout.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_feature_names", b"candidate_feature_names", "candidates", b"candidates", "context_feature_names", b"context_feature_names", "context_values", b"context_values", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_feature_names", b"candidate_feature_names", "candidate_ids", b"candidate_ids", "candidate_values", b"candidate_values", "candidates", b"candidates", "context_feature_names", b"context_feature_names", "context_values", b"context_values", "response_layout", b"response_layout", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -80,6 +103,8 @@ class ScoreResponse(_message.Message):
     SCORES_FIELD_NUMBER: _builtins.int
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    CANDIDATE_IDS_FIELD_NUMBER: _builtins.int
+    CANDIDATE_SCORES_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Name of the model that produced the scores, e.g. "tips-ranker"."""
     model_version: _builtins.str
@@ -88,16 +113,26 @@ class ScoreResponse(_message.Message):
     def scores(self) -> _containers.RepeatedCompositeFieldContainer[_scoring_pb2.CandidateScore]:
         """One entry per request candidate, in request order."""
 
+    @_builtins.property
+    def candidate_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Columnar layout: the candidates' ids, in request order (as candidate_ids, or candidates)."""
+
+    @_builtins.property
+    def candidate_scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Columnar layout: one probability of a positive reaction per id, in the same order."""
+
     def __init__(
         self,
         *,
         scores: _abc.Iterable[_scoring_pb2.CandidateScore] | None = ...,
         model_name: _builtins.str = ...,
         model_version: _builtins.str = ...,
+        candidate_ids: _abc.Iterable[_builtins.str] | None = ...,
+        candidate_scores: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "model_version", b"model_version", "scores", b"scores"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_ids", b"candidate_ids", "candidate_scores", b"candidate_scores", "model_name", b"model_name", "model_version", b"model_version", "scores", b"scores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amlserving/v1/scoring.proto\x12\x0cmlserving.v1\"\'\n\tCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\"+\n\x0e\x43\x61ndidateScore\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amlserving/v1/scoring.proto\x12\x0cmlserving.v1\"\'\n\tCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\"+\n\x0e\x43\x61ndidateScore\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02*\\\n\x0bScoreLayout\x12\x1c\n\x18SCORE_LAYOUT_UNSPECIFIED\x10\x00\x12\x15\n\x11SCORE_LAYOUT_ROWS\x10\x01\x12\x18\n\x14SCORE_LAYOUT_COLUMNS\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mlserving.v1.scoring_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SCORELAYOUT']._serialized_start=130
+  _globals['_SCORELAYOUT']._serialized_end=222
   _globals['_CANDIDATE']._serialized_start=44
   _globals['_CANDIDATE']._serialized_end=83
   _globals['_CANDIDATESCORE']._serialized_start=85

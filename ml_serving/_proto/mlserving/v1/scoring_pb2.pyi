@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -17,6 +18,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ScoreLayout:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScoreLayoutEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScoreLayout.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCORE_LAYOUT_UNSPECIFIED: _ScoreLayout.ValueType  # 0
+    """Unset: SCORE_LAYOUT_ROWS."""
+    SCORE_LAYOUT_ROWS: _ScoreLayout.ValueType  # 1
+    """One CandidateScore message per candidate (ScoreResponse.scores)."""
+    SCORE_LAYOUT_COLUMNS: _ScoreLayout.ValueType  # 2
+    """Ids and scores as two parallel lists (ScoreResponse.candidate_ids, candidate_scores)."""
+
+class ScoreLayout(_ScoreLayout, metaclass=_ScoreLayoutEnumTypeWrapper):
+    """ScoreLayout is how a ScoreResponse lists its scores."""
+
+SCORE_LAYOUT_UNSPECIFIED: ScoreLayout.ValueType  # 0
+"""Unset: SCORE_LAYOUT_ROWS."""
+SCORE_LAYOUT_ROWS: ScoreLayout.ValueType  # 1
+"""One CandidateScore message per candidate (ScoreResponse.scores)."""
+SCORE_LAYOUT_COLUMNS: ScoreLayout.ValueType  # 2
+"""Ids and scores as two parallel lists (ScoreResponse.candidate_ids, candidate_scores)."""
+Global___ScoreLayout: _TypeAlias = ScoreLayout  # noqa: Y015
 
 @_typing.final
 class Candidate(_message.Message):

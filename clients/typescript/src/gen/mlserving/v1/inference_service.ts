@@ -30,7 +30,7 @@ import {
   TokenUsage,
 } from "./generation";
 import { PromptVersion } from "./prompt";
-import { Candidate, CandidateScore } from "./scoring";
+import { Candidate, CandidateScore, ScoreLayout, scoreLayoutFromJSON, scoreLayoutToJSON } from "./scoring";
 
 export const protobufPackage = "mlserving.v1";
 
@@ -41,6 +41,9 @@ export const protobufFileName = "mlserving/v1/inference_service.proto";
 /**
  * ScoreRequest carries one user's context and the candidate tips to rank. Feature names are
  * sent once per request; values travel as packed floats in the order of those names.
+ * Candidates come in one of two forms, never both: one Candidate message each (candidates), or
+ * columnar (candidate_ids with candidate_values), which decodes without an object per
+ * candidate and is what the clients and the bench send.
  */
 export interface ScoreRequest {
   /**
@@ -56,6 +59,18 @@ export interface ScoreRequest {
   candidateFeatureNames: string[];
   /** The candidate tips to score: at least one, at most the server's limit, ids unique. */
   candidates: Candidate[];
+  /**
+   * Columnar form: the candidates' ids (non-empty, unique, at most 64 characters), one per
+   * candidate, at least one and at most the server's limit.
+   */
+  candidateIds: string[];
+  /**
+   * Columnar form: every candidate's values in row-major order, len(candidate_ids) rows of
+   * len(candidate_feature_names) values each.
+   */
+  candidateValues: number[];
+  /** How the response lists the scores; unspecified means one CandidateScore each (scores). */
+  responseLayout: ScoreLayout;
 }
 
 /** ScoreResponse holds one score per candidate in request order and the model that produced them. */
@@ -66,6 +81,10 @@ export interface ScoreResponse {
   modelName: string;
   /** Version of the model that produced the scores; every score in a response shares it. */
   modelVersion: string;
+  /** Columnar layout: the candidates' ids, in request order (as candidate_ids, or candidates). */
+  candidateIds: string[];
+  /** Columnar layout: one probability of a positive reaction per id, in the same order. */
+  candidateScores: number[];
 }
 
 /** GenerateRequest asks for one personalised tip. */
@@ -142,7 +161,16 @@ export interface ListPromptVersionsResponse {
 }
 
 function createBaseScoreRequest(): ScoreRequest {
-  return { userId: "", contextFeatureNames: [], contextValues: [], candidateFeatureNames: [], candidates: [] };
+  return {
+    userId: "",
+    contextFeatureNames: [],
+    contextValues: [],
+    candidateFeatureNames: [],
+    candidates: [],
+    candidateIds: [],
+    candidateValues: [],
+    responseLayout: 0,
+  };
 }
 
 export const ScoreRequest: MessageFns<ScoreRequest> = {
@@ -165,6 +193,19 @@ export const ScoreRequest: MessageFns<ScoreRequest> = {
     }
     for (const v of message.candidates) {
       Candidate.encode(v!, writer.uint32(42).fork()).join();
+    }
+    for (const v of message.candidateIds) {
+      writer.uint32(50).string(v!);
+    }
+    if (message.candidateValues.length !== 0) {
+      writer.uint32(58).fork();
+      for (const v of message.candidateValues) {
+        writer.float(v);
+      }
+      writer.join();
+    }
+    if (message.responseLayout !== 0) {
+      writer.uint32(64).int32(message.responseLayout);
     }
     return writer;
   },
@@ -232,6 +273,40 @@ export const ScoreRequest: MessageFns<ScoreRequest> = {
             message.candidates.push(Candidate.decode(reader, reader.uint32()));
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.candidateIds.push(reader.string());
+            continue;
+          }
+          case 7: {
+            if (tag === 61) {
+              message.candidateValues.push(reader.float());
+
+              continue;
+            }
+
+            if (tag === 58) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.candidateValues.push(reader.float());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.responseLayout = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -269,6 +344,21 @@ export const ScoreRequest: MessageFns<ScoreRequest> = {
       candidates: globalThis.Array.isArray(object?.candidates)
         ? object.candidates.map((e: any) => Candidate.fromJSON(e))
         : [],
+      candidateIds: globalThis.Array.isArray(object?.candidateIds)
+        ? object.candidateIds.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.candidate_ids)
+        ? object.candidate_ids.map((e: any) => globalThis.String(e))
+        : [],
+      candidateValues: globalThis.Array.isArray(object?.candidateValues)
+        ? object.candidateValues.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.candidate_values)
+        ? object.candidate_values.map((e: any) => globalThis.Number(e))
+        : [],
+      responseLayout: isSet(object.responseLayout)
+        ? scoreLayoutFromJSON(object.responseLayout)
+        : isSet(object.response_layout)
+        ? scoreLayoutFromJSON(object.response_layout)
+        : 0,
     };
   },
 
@@ -289,6 +379,15 @@ export const ScoreRequest: MessageFns<ScoreRequest> = {
     if (message.candidates?.length) {
       obj.candidates = message.candidates.map((e) => Candidate.toJSON(e));
     }
+    if (message.candidateIds?.length) {
+      obj.candidateIds = message.candidateIds;
+    }
+    if (message.candidateValues?.length) {
+      obj.candidateValues = message.candidateValues.map((e) => floatToJson(e));
+    }
+    if (message.responseLayout !== 0) {
+      obj.responseLayout = scoreLayoutToJSON(message.responseLayout);
+    }
     return obj;
   },
 
@@ -302,12 +401,15 @@ export const ScoreRequest: MessageFns<ScoreRequest> = {
     message.contextValues = object.contextValues?.map((e) => e) || [];
     message.candidateFeatureNames = object.candidateFeatureNames?.map((e) => e) || [];
     message.candidates = object.candidates?.map((e) => Candidate.fromPartial(e)) || [];
+    message.candidateIds = object.candidateIds?.map((e) => e) || [];
+    message.candidateValues = object.candidateValues?.map((e) => e) || [];
+    message.responseLayout = object.responseLayout ?? 0;
     return message;
   },
 };
 
 function createBaseScoreResponse(): ScoreResponse {
-  return { scores: [], modelName: "", modelVersion: "" };
+  return { scores: [], modelName: "", modelVersion: "", candidateIds: [], candidateScores: [] };
 }
 
 export const ScoreResponse: MessageFns<ScoreResponse> = {
@@ -320,6 +422,16 @@ export const ScoreResponse: MessageFns<ScoreResponse> = {
     }
     if (message.modelVersion !== "") {
       writer.uint32(26).string(message.modelVersion);
+    }
+    for (const v of message.candidateIds) {
+      writer.uint32(34).string(v!);
+    }
+    if (message.candidateScores.length !== 0) {
+      writer.uint32(42).fork();
+      for (const v of message.candidateScores) {
+        writer.float(v);
+      }
+      writer.join();
     }
     return writer;
   },
@@ -361,6 +473,32 @@ export const ScoreResponse: MessageFns<ScoreResponse> = {
             message.modelVersion = reader.string();
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.candidateIds.push(reader.string());
+            continue;
+          }
+          case 5: {
+            if (tag === 45) {
+              message.candidateScores.push(reader.float());
+
+              continue;
+            }
+
+            if (tag === 42) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.candidateScores.push(reader.float());
+              }
+
+              continue;
+            }
+
+            break;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -386,6 +524,16 @@ export const ScoreResponse: MessageFns<ScoreResponse> = {
         : isSet(object.model_version)
         ? globalThis.String(object.model_version)
         : "",
+      candidateIds: globalThis.Array.isArray(object?.candidateIds)
+        ? object.candidateIds.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.candidate_ids)
+        ? object.candidate_ids.map((e: any) => globalThis.String(e))
+        : [],
+      candidateScores: globalThis.Array.isArray(object?.candidateScores)
+        ? object.candidateScores.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.candidate_scores)
+        ? object.candidate_scores.map((e: any) => globalThis.Number(e))
+        : [],
     };
   },
 
@@ -400,6 +548,12 @@ export const ScoreResponse: MessageFns<ScoreResponse> = {
     if (message.modelVersion !== "") {
       obj.modelVersion = message.modelVersion;
     }
+    if (message.candidateIds?.length) {
+      obj.candidateIds = message.candidateIds;
+    }
+    if (message.candidateScores?.length) {
+      obj.candidateScores = message.candidateScores.map((e) => floatToJson(e));
+    }
     return obj;
   },
 
@@ -411,6 +565,8 @@ export const ScoreResponse: MessageFns<ScoreResponse> = {
     message.scores = object.scores?.map((e) => CandidateScore.fromPartial(e)) || [];
     message.modelName = object.modelName ?? "";
     message.modelVersion = object.modelVersion ?? "";
+    message.candidateIds = object.candidateIds?.map((e) => e) || [];
+    message.candidateScores = object.candidateScores?.map((e) => e) || [];
     return message;
   },
 };

@@ -13,6 +13,49 @@ export const protobufFileName = "mlserving/v1/scoring.proto";
 
 /** ml-serving: types shared by the Score call. */
 
+/** ScoreLayout is how a ScoreResponse lists its scores. */
+export enum ScoreLayout {
+  /** SCORE_LAYOUT_UNSPECIFIED - Unset: SCORE_LAYOUT_ROWS. */
+  SCORE_LAYOUT_UNSPECIFIED = 0,
+  /** SCORE_LAYOUT_ROWS - One CandidateScore message per candidate (ScoreResponse.scores). */
+  SCORE_LAYOUT_ROWS = 1,
+  /** SCORE_LAYOUT_COLUMNS - Ids and scores as two parallel lists (ScoreResponse.candidate_ids, candidate_scores). */
+  SCORE_LAYOUT_COLUMNS = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function scoreLayoutFromJSON(object: any): ScoreLayout {
+  switch (object) {
+    case 0:
+    case "SCORE_LAYOUT_UNSPECIFIED":
+      return ScoreLayout.SCORE_LAYOUT_UNSPECIFIED;
+    case 1:
+    case "SCORE_LAYOUT_ROWS":
+      return ScoreLayout.SCORE_LAYOUT_ROWS;
+    case 2:
+    case "SCORE_LAYOUT_COLUMNS":
+      return ScoreLayout.SCORE_LAYOUT_COLUMNS;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ScoreLayout.UNRECOGNIZED;
+  }
+}
+
+export function scoreLayoutToJSON(object: ScoreLayout): string {
+  switch (object) {
+    case ScoreLayout.SCORE_LAYOUT_UNSPECIFIED:
+      return "SCORE_LAYOUT_UNSPECIFIED";
+    case ScoreLayout.SCORE_LAYOUT_ROWS:
+      return "SCORE_LAYOUT_ROWS";
+    case ScoreLayout.SCORE_LAYOUT_COLUMNS:
+      return "SCORE_LAYOUT_COLUMNS";
+    case ScoreLayout.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** Candidate is one tip to score. */
 export interface Candidate {
   /** Caller's id of the tip; unique within a request and echoed in the response. */
