@@ -31,7 +31,7 @@ from ml_serving._proto.mlserving.v1.inference_service_pb2 import (
     ScoreResponse,
 )
 from ml_serving._proto.mlserving.v1.prompt_pb2 import PromptVersion
-from ml_serving._proto.mlserving.v1.scoring_pb2 import Candidate, CandidateScore
+from ml_serving._proto.mlserving.v1.scoring_pb2 import Candidate, CandidateScore, ScoreLayout
 from ml_serving.api.security import AUTHORIZATION_KEY, Metadata
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "ListPromptVersionsRequest",
     "ListPromptVersionsResponse",
     "PromptVersion",
+    "ScoreLayout",
     "ScoreRequest",
     "ScoreResponse",
     "TipContext",
