@@ -92,7 +92,7 @@ class MlflowServer:
             except ProcessLookupError:
                 pass
         try:
-            self.popen.wait(10)
+            self.popen.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(10)
