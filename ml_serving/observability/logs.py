@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import binascii
 import contextvars
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -225,13 +227,20 @@ class RedactingFilter(logging.Filter):
 
     def suspect(self, text: str) -> bool:
         """Whether ``text`` may hold something to redact (False means it surely does not)."""
-        if not text.strip(_HEX_DIGITS):
-            # Hex only (the request ids the server makes): every needle has a non-hex letter,
-            # so only a secret that is itself hex can be in it. One C-level pass, not ten.
-            for secret in self._hex_secrets:
-                if secret in text.lower():
-                    return True
-            return False
+        if len(text) % 2 == 0:
+            # Hex only (the request ids the server makes: the one text of an access line that
+            # is new each time)? Every needle has a non-hex letter, so only a secret that is
+            # itself hex can be in it. unhexlify is one C pass, and the quickest test of this.
+            try:
+                binascii.unhexlify(text)
+            except ValueError:  # binascii.Error, or a non-ASCII text
+                pass
+            else:
+                low = text.lower()
+                for secret in self._hex_secrets:
+                    if secret in low:
+                        return True
+                return False
         low = text.lower()
         for needle in self._needles:
             if needle in low:
@@ -339,6 +348,26 @@ def _is_ours(name: str) -> bool:
     return name == "ml_serving" or name.startswith("ml_serving.")
 
 
+_OUR_SOURCE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+"""The ml_serving package directory: frames from files under it are our code."""
+
+
+def _through_our_code(exc: BaseException) -> bool:
+    """Whether the traceback of ``exc``, or of an exception chained to it, has a frame of ours."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen or len(seen) > 16:
+            continue
+        seen.add(id(current))
+        for frame, _ in traceback.walk_tb(current.__traceback__):
+            if frame.f_code.co_filename.startswith(_OUR_SOURCE):
+                return True
+        pending += [current.__cause__, current.__context__]
+    return False
+
+
 class ThirdPartyFloodFilter(logging.Filter):
     """Rate-limits WARNING and above from loggers outside ``ml_serving``, and cuts their
     tracebacks to the exception line.
@@ -380,9 +409,11 @@ class ThirdPartyFloodFilter(logging.Filter):
             record.suppressed = suppressed
             if isinstance(record.msg, str):
                 record.msg = f"{record.msg} [{suppressed} similar lines suppressed before this]"
-        if record.exc_info and record.exc_info[1] is not None:
-            # The exception line says what happened; a library's stack only floods the log.
-            record.exc_text = "".join(traceback.format_exception_only(record.exc_info[1])).strip()
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and not _through_our_code(exc):
+            # The exception line says what happened; a library's own stack only floods the log.
+            # (A stack through our code, such as a task's error that asyncio reports, is kept.)
+            record.exc_text = "".join(traceback.format_exception_only(exc)).strip()
             record.exc_info = None
         return True
 

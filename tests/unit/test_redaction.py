@@ -8,11 +8,13 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ml_serving.observability import logs
+from ml_serving.scoring.registry import ModelRegistry, RegistryError
 from tests.support import REPO
 
 TOKEN = "tok-3f9a1c7e5b2d4068a1b2c3d4e5f60718"
@@ -203,6 +205,7 @@ def test_configure_redacts_every_library_that_logs_through_root() -> None:
     script = f"""
 import logging
 from ml_serving.observability import logs
+from ml_serving.scoring.registry import ModelRegistry, RegistryError
 logs.configure("DEBUG", True, secrets=[{TOKEN!r}, {KEY!r}])
 for name in ("grpc._cython.cygrpc", "LiteLLM", "opentelemetry.context", "httpx", "aiohttp.client",
              "ml_serving.api.rpc"):
@@ -293,3 +296,16 @@ def test_the_template_memory_is_bounded() -> None:
         clock.now += 0.01
         flood.filter(_error(msg=f"template {i}"))
     assert len(flood._passed) <= 8
+
+
+def test_a_traceback_through_our_code_is_kept_in_full(tmp_path: Path) -> None:
+    # asyncio reports a task's error under its own name: the stack is ours and worth keeping.
+    try:
+        ModelRegistry(tmp_path).promoted_version("missing")
+    except RegistryError:
+        exc_info = sys.exc_info()
+    record = logging.makeLogRecord(
+        {"name": "asyncio", "levelno": logging.ERROR, "msg": "Task exception", "exc_info": exc_info}
+    )
+    assert logs.ThirdPartyFloodFilter(clock=Clock()).filter(record)
+    assert record.exc_info is exc_info
