@@ -205,12 +205,7 @@ class MlflowRegistry:
         staging = Path(tempfile.mkdtemp(dir=base, prefix=f".{version}.", suffix=".tmp"))
         try:
             with mlflow_errors(f"downloading models:/{name}/{version}"):
-                source = self.client.get_model_version_download_uri(name, version)
-                import_mlflow().artifacts.download_artifacts(
-                    artifact_uri=f"{source.rstrip('/')}/{FILES_PATH}",
-                    dst_path=str(staging),
-                    tracking_uri=self.tracking_uri,
-                )
+                self.fetch(name, version, staging)
             files = staging / FILES_PATH
             model = load_version_dir(files, name, version)
             files.chmod(0o755)
@@ -222,6 +217,16 @@ class MlflowRegistry:
             shutil.rmtree(staging, ignore_errors=True)
         logger.info("model %s: version %s downloaded and validated", name, version)
         return model
+
+    def fetch(self, name: str, version: str, destination: Path) -> None:
+        """Download the version's ``artifacts/`` directory (its registry files) into
+        ``destination``; MLflow's exceptions pass through (``load`` maps them)."""
+        source = self.client.get_model_version_download_uri(name, version)
+        import_mlflow().artifacts.download_artifacts(
+            artifact_uri=f"{source.rstrip('/')}/{FILES_PATH}",
+            dst_path=str(destination),
+            tracking_uri=self.tracking_uri,
+        )
 
     def cached(self, name: str) -> Model | None:
         """What the cache can serve while MLflow cannot answer: the pinned version if cached,

@@ -352,7 +352,9 @@ class ModelHolder:
         """The serving version; ``NotReady`` (FAILED_PRECONDITION) while none has loaded yet."""
         model = self._model
         if model is None:
-            raise NotReady(f"model {self.name!r} is not loaded yet: its registry is unreachable")
+            raise NotReady(
+                f"model {self.name!r} is not loaded yet (registry unreachable or version refused)"
+            )
         return model
 
     @property
