@@ -11,8 +11,9 @@
 #      @kubernetes-models/istio classes (validate() throws on a bad document) plus an
 #      unknown-field and duration check. `npm ci` runs first when node_modules is missing
 #      or older than package-lock.json.
-#   3. When kustomize or kubectl is on PATH: the rendered `kustomize build deploy/base`
-#      (generated ConfigMap, labels, image tag) through both validators again.
+#   3. When kustomize or kubectl is on PATH: the rendered `kustomize build` of deploy/base and
+#      of each deploy/overlays/* (generated ConfigMap, labels, image tag, the MLflow overlay's
+#      patch) through both validators again.
 #
 # Every step runs; the exit status is non-zero if any of them failed.
 # Environment: K8S_VERSION (default 1.33.0), KUBERNETES_VALIDATE (command to run instead of
@@ -91,7 +92,7 @@ else
   node "$here/validate-istio.mjs" --istio-only "${istio_files[@]}" || fail "Istio manifests in deploy/base"
 fi
 
-# 3. The rendered kustomization.
+# 3. The rendered kustomizations: the base and each overlay (overlays/mlflow: the MLflow registry).
 render=()
 if command -v kustomize >/dev/null 2>&1; then
   render=(kustomize build)
@@ -103,19 +104,24 @@ if [[ ${#render[@]} -eq 0 ]]; then
 else
   rendered="$(mktemp --suffix=.yaml)"
   trap 'rm -f "$rendered"' EXIT
-  if "${render[@]}" "$base" >"$rendered"; then
-    echo "ok   ${render[*]} deploy/base"
-    if run_kubernetes_validate yes "$rendered"; then
-      echo "ok   kubernetes-validate --strict on the rendered kustomization"
+  for target in "$base" "$deploy"/overlays/*/; do
+    [[ -f "$target/kustomization.yaml" ]] || continue
+    target="${target%/}"
+    target="${target#"$repo"/}"
+    if "${render[@]}" "$target" >"$rendered"; then
+      echo "ok   ${render[*]} $target"
+      if run_kubernetes_validate yes "$rendered"; then
+        echo "ok   kubernetes-validate --strict on the rendered $target"
+      else
+        fail "kubernetes-validate on the rendered $target"
+      fi
+      if command -v node >/dev/null 2>&1 && [[ -d "$here/node_modules" ]]; then
+        node "$here/validate-istio.mjs" "$rendered" || fail "kubernetes-models on the rendered $target"
+      fi
     else
-      fail "kubernetes-validate on the rendered kustomization"
+      fail "${render[*]} $target"
     fi
-    if command -v node >/dev/null 2>&1 && [[ -d "$here/node_modules" ]]; then
-      node "$here/validate-istio.mjs" "$rendered" || fail "kubernetes-models on the rendered kustomization"
-    fi
-  else
-    fail "${render[*]} deploy/base"
-  fi
+  done
 fi
 
 if [[ $failed -ne 0 ]]; then
