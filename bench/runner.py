@@ -447,6 +447,9 @@ class Bench:
         return {"ttft_s": ttft_s, "token_delay_s": token_delay_s}
 
     def run_scenario(self, scenario: Scenario) -> None:
+        if scenario.score_rate is not None:
+            self._run_isolation(scenario)
+            return
         for concurrency in scenario.concurrencies:
             total = scenario.total_for(concurrency, self.configs)
             pace = self._pace(scenario, concurrency)
@@ -466,9 +469,56 @@ class Bench:
                 row["upstream_pace"] = pace
                 if base_row is not None:
                     base_row["upstream_pace"] = pace
+                if scenario.held_pace(concurrency) is not None and row.get("ttft_ms"):
+                    # A held wave has no direct baseline: what it adds to the time to first
+                    # token is measured against the upstream's own TTFT.
+                    row["held_added_ttft_ms"] = {
+                        p: round(row["ttft_ms"][p] - pace["ttft_s"] * 1e3, 3)
+                        for p in ("p50", "p99")
+                    }
             if base_row is not None:
                 row["vs_baseline"] = compare(row, base_row)
             self._add(row)
+
+    def _run_isolation(self, scenario: Scenario) -> None:
+        """Score open loop at scenario.score_rate, alone and beside the Generate source closed
+        loop at concurrencies[0], alternating (bench/isolation.py); one row with both sides."""
+        from bench import isolation
+
+        assert self.server is not None and scenario.score_rate is not None
+        generate_stem = scenario.sources[-1][0]
+        plan = isolation.Plan(
+            score_rate=scenario.score_rate,
+            generate_method=self.configs[generate_stem].method.name,
+            generate_concurrency=scenario.concurrencies[0],
+            round_s=scenario.duration_s,
+            rounds=max(1, self.o.rounds),
+        )
+        self._settle(self.server)
+        self._set_pace((self.o.ttft_s, self.o.token_delay_s))
+        result = isolation.measure(plan, f"127.0.0.1:{self.server_port}", self.server, self.o.log)
+        alone, loaded = result["score_alone"], result["score_with_generate"]
+        errors = alone["score_errors"] + loaded["score_errors"] + loaded.get("generate_errors", 0)
+        row: dict[str, Any] = {
+            "scenario": scenario.name,
+            "target": "isolation",
+            "concurrency": plan.generate_concurrency,
+            "score_rate": plan.score_rate,
+            "generate_method": plan.generate_method,
+            "rounds": plan.rounds,
+            "score_alone": alone,
+            "score_with_generate": loaded,
+            "p99_ratio": result["p99_ratio"],
+            "error_count": errors,
+            "workers": self.workers,
+        }
+        self.rows.append(row)
+        self.o.log(
+            f"{scenario.name:<16} Score at {plan.score_rate:.0f}/s: p99 {alone['score_p99_ms']} ms "
+            f"alone, {loaded['score_p99_ms']} ms beside {plan.generate_concurrency} "
+            f"{plan.generate_method} in flight ({loaded.get('generate_calls_per_s')} calls/s): "
+            f"x{result['p99_ratio']}  errors {errors}"
+        )
 
     def _settle(self, proc: procs.Proc, timeout_s: float = 60.0) -> float:
         """Wait until `proc` is idle (< 0.1 core over 0.5 s), so that work left over from the
@@ -679,6 +729,7 @@ def run(options: Options) -> dict[str, Any]:
                         {"concurrency": c, "ttft_s": t, "token_delay_s": d, "timeout_s": dl}
                         for c, t, d, dl in s.held
                     ],
+                    "score_rate": s.score_rate,
                 }
                 for s in options.plan
             ],

@@ -157,6 +157,10 @@ class Scenario:
     """(concurrency, ttft_s, token_delay_s, deadline_s): at that concurrency the calls are held,
     long-lived LLM calls: one wave of exactly `concurrency` calls, the upstream paced as given,
     each call with that deadline."""
+    score_rate: float | None = None
+    """Isolation scenarios (bench/isolation.py): Score offered open loop at this many calls/s,
+    alone and beside the Generate source at `concurrencies[0]` in flight, in alternating
+    rounds of `duration_s` each (rounds: Options.rounds)."""
 
     def held_pace(self, concurrency: int) -> tuple[float, float] | None:
         for c, ttft_s, token_delay_s, _ in self.held:
@@ -183,12 +187,10 @@ class Scenario:
 HELD_UNARY = ((1000, 0.5, 0.15, 60.0),)
 """1,000 held Generate calls: the upstream answers after about 4.7 s (TTFT 0.5 s, 29 tokens
 0.15 s apart), one wave, all open at once (the upstream reports its peak in flight)."""
-HELD_STREAM = ((1000, 2.0, 2.0, 120.0),)
-"""1,000 held GenerateStream calls: TTFT 2 s, then a token every 2 s (about 58 s a stream).
-Held means open and trickling, not a throughput test (the concurrency-32 runs are): relaying a
-streamed chunk through LiteLLM costs over 1 ms of CPU, so one core relays well under 1,000
-chunks a second, and faster pacing (1,000 streams x 29 chunks) only measures queueing; and
-starting 1,000 LiteLLM calls at once takes one core several seconds. The deadline is raised to
+HELD_STREAM = ((1000, 2.0, 0.5, 120.0),)
+"""1,000 held GenerateStream calls: TTFT 2 s, then 2 tokens a second each (0.5 s apart: 2,000
+chunks a second in all, about 16 s a stream), all open together. The added TTFT of the wave is
+its TTFT less the upstream's 2 s (results rows: held_added_ttft_ms). The deadline is raised to
 fit the pacing; the ghz configs keep their own."""
 
 
@@ -213,7 +215,15 @@ def default_plan() -> list[Scenario]:
             held=HELD_STREAM,
         ),
         Scenario("mixed", (("score", 0.8), ("generate", 0.2)), (32,), duration_s=8.0),
+        ISOLATION,
     ]
+
+
+ISOLATION = Scenario(
+    "isolation", (("score", 1.0), ("generate", 1.0)), (32,), duration_s=6.0, score_rate=150.0
+)
+"""Score at 150 calls/s, alone and beside 32 Generate calls in flight (closed loop, as fast as
+the server answers them: Generate at its saturation against the default-paced upstream)."""
 
 
 def smoke_plan() -> list[Scenario]:
@@ -233,6 +243,7 @@ def smoke_plan() -> list[Scenario]:
             baseline="direct",
         ),
         Scenario("mixed", (("score", 0.8), ("generate", 0.2)), (16,), duration_s=8.0, total=300),
+        replace(ISOLATION, duration_s=3.0),
     ]
 
 

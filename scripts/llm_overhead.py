@@ -34,8 +34,6 @@ machines are noisy.
     .venv/bin/python -m scripts.llm_overhead --baseline-llm /tmp/gateway_head.py --count-calls
     .venv/bin/python -m scripts.llm_overhead --model openai/my-vllm-model   # a model LiteLLM
                                                               # has no price for
-    .venv/bin/python -m scripts.llm_overhead --coalesce-ms 0,5,20 --token-delay-ms 3
-                                 # gRPC-free stream coalescing: messages and CPU per stream
 
 --count-calls adds a noise-free complement: Python function calls (all threads) per unary
 call and per streamed token, counted by extra workers after the timed rounds.

@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection,
 from dataclasses import dataclass
 from typing import Any
 
-from ml_serving.generation.llm import exceptions, offline, provider, transport
+from ml_serving.generation.llm import exceptions, offline, provider, transport, tuning
 from ml_serving.generation.llm.cooldowns import Cooldowns, OnCooldown
 from ml_serving.generation.llm.exceptions import NoRouteAvailable
 from ml_serving.generation.llm.provider import AcompletionRoute, ProviderRoute
@@ -238,6 +238,8 @@ class LLMGateway:
         )
         if first is not None:
             await provider.warm_acompletion(first.params)
+        # What is alive now lives as long as the process: keep the GC from rescanning it.
+        tuning.freeze_import_heap()
         logger.info("LLM gateway warm", extra={"warm_up_ms": (time.perf_counter() - started) * 1e3})
 
     async def aclose(self) -> None:

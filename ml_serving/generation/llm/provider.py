@@ -148,6 +148,9 @@ class ProviderRoute:
     """acompletion reaches this provider through its SDK, which fails on a malformed chunk;
     LiteLLM's own iterators skip one. Kept the same as acompletion, provider by provider."""
     _optional: dict[tuple[int, float | None, bool], dict[str, Any]] = field(default_factory=dict)
+    _requests: dict[str, httpx.Request] = field(default_factory=dict)
+    """The httpx.Request each parsed answer refers to, one per URL (parsing a URL costs more
+    than the rest of building the response object)."""
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -247,11 +250,11 @@ class ProviderRoute:
         self, prepared: Prepared, status: int, headers: Mapping[str, str], content: bytes
     ) -> ModelResponse:
         """A 2xx answer through the provider's transform_response; failures are mapped."""
+        request = self._requests.get(prepared.url)
+        if request is None:
+            request = self._requests[prepared.url] = httpx.Request("POST", prepared.url)
         raw = httpx.Response(
-            status_code=status,
-            headers=dict(headers),
-            content=content,
-            request=httpx.Request("POST", prepared.url),
+            status_code=status, headers=dict(headers), content=content, request=request
         )
         try:
             response: ModelResponse = self.config.transform_response(

@@ -9,6 +9,7 @@ upgrade that changes one fails CI rather than production.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import warnings
@@ -92,3 +93,15 @@ def schema_warnings_quiet() -> Iterator[None]:
             "ignore", r"Items? .* (is|are) using the `ReadOnly` qualifier", UserWarning
         )
         yield
+
+
+def freeze_import_heap() -> None:
+    """Move every object alive now (litellm's import: ~380,000 of them) out of the cyclic
+    GC's reach, once the gateway is warm.
+
+    Measured here: a full collection after importing litellm takes 225-257 ms, and Generate's
+    allocations trigger one every so often; Score calls caught behind it waited that long (Score
+    p99 38-208 ms with Generate running vs 4.8-7.4 ms alone, at 0.36 of a core). Frozen, a
+    full collection scans only what was made since: 0.003 ms for the same heap.
+    """
+    gc.freeze()
