@@ -158,7 +158,7 @@ replacing it everywhere would garble every line."""
 # Credentials whatever their value: a bearer token, the value after a credential-like header or
 # field name (``authorization: x``, ``('x-api-key', b'x')``, ``api_key='x'``), and the shapes of
 # common provider keys. A value runs to the next space or quote, so a bytes repr (grpc logs
-# b'...' with \\xNN escapes) stays one value.
+# b'...' with \xNN escapes) stays one value.
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)\b(bearer)(\s+)(?!<redacted>)[^\s'\"]+"), rf"\1\2{REDACTED}"),
     (
@@ -186,7 +186,8 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 _NEEDLES = ("bearer", "auth", "api", "token", "secret", "passw", "sk-", "aiza", "gsk_", "xai-")
 _HEX_DIGITS = "0123456789abcdefABCDEF"
 _CLEAN_CACHE_SIZE = 4096
-_CLEAN_CACHE_TEXT_LEN = 128
+_SHORT_TEXT = 128
+"""Texts up to this long (request ids are) are remembered once clean and tested for hex."""
 # Attribute values that never need a look: numbers, flags, None.
 _PLAIN_TYPES = (int, float, bool, type(None))
 
@@ -227,7 +228,7 @@ class RedactingFilter(logging.Filter):
 
     def suspect(self, text: str) -> bool:
         """Whether ``text`` may hold something to redact (False means it surely does not)."""
-        if len(text) % 2 == 0:
+        if len(text) % 2 == 0 and len(text) <= _SHORT_TEXT:
             # Hex only (the request ids the server makes: the one text of an access line that
             # is new each time)? Every needle has a non-hex letter, so only a secret that is
             # itself hex can be in it. unhexlify is one C pass, and the quickest test of this.
@@ -291,7 +292,7 @@ class RedactingFilter(logging.Filter):
                 return True
             if len(clean) >= _CLEAN_CACHE_SIZE:
                 clean.clear()  # bounded: unique texts (request ids) would fill it
-            if len(value) <= _CLEAN_CACHE_TEXT_LEN:
+            if len(value) <= _SHORT_TEXT:
                 clean.add(value)
         return True
 
