@@ -300,7 +300,7 @@ class LLMGateway:
             async with asyncio.timeout(timeout_s):
                 upstream, model = await self._attempts(call, timeout_s, stream=True)
                 try:
-                    chunk = upstream.first
+                    chunks, chunk = upstream.chunks, upstream.first
                     while chunk is not None:
                         text, finish, usage = _fields(chunk)
                         if usage is not None:
@@ -317,7 +317,7 @@ class LLMGateway:
                                 yield held[0] if len(held) == 1 else "".join(held)
                                 held.clear()
                                 last_sent = now
-                        chunk = await _next_chunk(upstream)
+                        chunk = await anext(chunks, None)
                     if held:
                         yield "".join(held)
                         held.clear()
@@ -451,10 +451,8 @@ class LLMGateway:
                 chunks = route.chunks(prepared, response.text_chunks())
                 try:
                     first = await anext(chunks, None)
-                except BaseException as exc:
+                except BaseException:
                     await chunks.aclose()  # type: ignore[attr-defined]
-                    if isinstance(exc, Exception):
-                        raise route.mid_stream_error(exc) from exc
                     raise
         except TimeoutError:
             if response is not None:
@@ -468,7 +466,7 @@ class LLMGateway:
             if response is not None:
                 await response.close()
             raise
-        return _Stream(_Guarded(chunks, route), first, response.close, route)
+        return _Stream(chunks, first, response.close, route)
 
 
 class _Call:
@@ -497,37 +495,6 @@ class _Call:
         if self.temperature is not None:
             args["temperature"] = self.temperature
         return args
-
-
-class _Guarded:
-    """A provider stream's chunks after the first: a failure while iterating becomes LiteLLM's
-    MidStreamFallbackError, as acompletion's stream wrapper raises it."""
-
-    __slots__ = ("_chunks", "_route")
-
-    def __init__(self, chunks: AsyncIterator[Any], route: ProviderRoute) -> None:
-        self._chunks = chunks
-        self._route = route
-
-    def __aiter__(self) -> _Guarded:
-        return self
-
-    async def __anext__(self) -> Any:
-        try:
-            return await anext(self._chunks)
-        except StopAsyncIteration:
-            raise
-        except transport.TransportError as exc:
-            raise self._route.mid_stream_error(self._route.connection_error(exc)) from exc
-        except Exception as exc:
-            raise self._route.mid_stream_error(exc) from exc
-
-    async def aclose(self) -> None:
-        await self._chunks.aclose()  # type: ignore[attr-defined]
-
-
-async def _next_chunk(upstream: _Stream) -> Any:
-    return await anext(upstream.chunks, None)
 
 
 def _fields(chunk: Any) -> tuple[str, str, Any]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ml_serving.generation.llm import tuning
+from ml_serving.generation.llm.transport import TransportError
 
 tuning.before_import()
 
@@ -337,12 +338,14 @@ class ProviderRoute:
         return error if isinstance(error, Exception) else RuntimeError(str(error))
 
     def chunks(self, prepared: Prepared, text: AsyncIterator[str]) -> AsyncIterator[Any]:
-        """Parsed stream chunks (ModelResponseStream) from the body's text, as it arrives."""
+        """Parsed stream chunks (ModelResponseStream) from the body's text, as it arrives; a
+        failure while iterating is LiteLLM's MidStreamFallbackError, as acompletion's stream
+        wrapper raises it."""
         lines = aiter_sse_lines(text)
         iterator = self._iterator(prepared, lines)
         if self.strict_sse:
             return self._strict_chunks(iterator.chunk_parser, lines)
-        return _only_chunks(iterator)
+        return self._lenient_chunks(iterator)
 
     def _iterator(self, prepared: Prepared, lines: AsyncIterator[str]) -> Any:
         """The provider's own stream iterator, as LiteLLM's handler for it makes one."""
@@ -363,31 +366,40 @@ class ProviderRoute:
     async def _strict_chunks(
         self, parse: Callable[..., Any], lines: AsyncIterator[str]
     ) -> AsyncIterator[Any]:
-        async for line in lines:
-            if not line.startswith("data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == "[DONE]":
-                return
-            try:
-                chunk = json.loads(payload)
-            except ValueError as exc:
-                raise self.config.get_error_class(
-                    error_message=f"malformed stream chunk: {exc}", status_code=500, headers={}
-                ) from exc
-            yield parse(chunk=chunk)
+        try:
+            async for line in lines:
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    return
+                try:
+                    chunk = json.loads(payload)
+                except ValueError as exc:
+                    raise self.config.get_error_class(
+                        error_message=f"malformed stream chunk: {exc}", status_code=500, headers={}
+                    ) from exc
+                yield parse(chunk=chunk)
+        except TransportError as exc:
+            raise self.mid_stream_error(self.connection_error(exc)) from exc
+        except Exception as exc:
+            raise self.mid_stream_error(exc) from exc
 
-
-async def _only_chunks(iterator: Any) -> AsyncIterator[Any]:
-    """The iterator's parsed chunks; the placeholders it returns for non-data SSE lines and
-    for "[DONE]" (GenericStreamingChunk dicts with no text) are skipped here."""
-    async for chunk in iterator:
-        if isinstance(chunk, ModelResponseStream):
-            yield chunk
-        elif isinstance(chunk, dict) and chunk.get("text"):
-            # The "[DONE]" placeholder says finish_reason "stop" whatever the stream said
-            # before (LiteLLM's stream wrapper keeps the stream's own): skipped with the others.
-            yield chunk
+    async def _lenient_chunks(self, iterator: Any) -> AsyncIterator[Any]:
+        """The iterator's parsed chunks; the placeholders it returns for non-data SSE lines
+        and for "[DONE]" (GenericStreamingChunk dicts with no text) are skipped here."""
+        try:
+            async for chunk in iterator:
+                if isinstance(chunk, ModelResponseStream):
+                    yield chunk
+                elif isinstance(chunk, dict) and chunk.get("text"):
+                    # "[DONE]" says finish_reason "stop" whatever the stream said before
+                    # (LiteLLM's stream wrapper keeps the stream's own): skipped as well.
+                    yield chunk
+        except TransportError as exc:
+            raise self.mid_stream_error(self.connection_error(exc)) from exc
+        except Exception as exc:
+            raise self.mid_stream_error(exc) from exc
 
 
 @dataclass(frozen=True)

@@ -100,18 +100,19 @@ class _AiohttpResponse:
         finally:
             self._response.release()
 
-    def text_chunks(self) -> AsyncIterator[str]:
-        return _decoded(self._chunks())
-
-    async def _chunks(self) -> AsyncIterator[bytes]:
+    async def text_chunks(self) -> AsyncIterator[str]:
         content = self._response.content
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         try:
             # readany returns whatever has arrived (several SSE events at once when the loop
             # was busy), so one pass handles them all.
             while data := await content.readany():
-                yield data
+                if text := decoder.decode(data):
+                    yield text
         except aiohttp.ClientError as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
+        if tail := decoder.decode(b"", final=True):
+            yield tail
 
     async def close(self) -> None:
         if self._response.content.at_eof():
