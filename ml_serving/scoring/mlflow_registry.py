@@ -25,7 +25,6 @@ from ml_serving.scoring.registry import (
     CARD_FILE,
     PROMOTED_FILE,
     WEIGHTS_FILE,
-    InvalidModelError,
     ModelHolder,
     ModelRegistry,
     RegistryError,
@@ -482,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "list":
             return _cmd_list(registry, args.name)
         registry.promote(args.name, args.version, alias=args.alias, note=args.note)
-    except (RegistryError, InvalidModelError, OSError) as exc:
+    except (RegistryError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"promoted {args.name} version {args.version} ({args.alias})")

@@ -303,6 +303,16 @@ def test_promotion_is_served_within_two_polls(
     history = json.loads(Path(card).read_text())["rollout_history"]
     assert history[-1]["event"] == "promoted" and history[-1]["previous_version"] == trained
     assert history[-1]["note"] == "test"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = _mlflow_registry_module().main(
+            ["--tracking-uri", registry.tracking_uri, "--cache", str(registry.cache.root), "list"]
+        )
+    assert code == 0
+    listed = out.getvalue().splitlines()
+    assert [line[:2] for line in listed] == ["  ", "* "]
+    assert listed[0].split()[:2] == [NAME, trained]
+    assert listed[1].split()[:3] == ["*", NAME, v2.version]  # * marks the champion
 
 
 def _corrupt_version(registry: Any, base: Model) -> str:
