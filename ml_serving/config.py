@@ -127,7 +127,6 @@ class Settings(BaseSettings):
     """GenerateStream sends its first delta at once, then merges the deltas that arrive within
     this long of the last message into the next one (timer-free); 0 = one message per delta."""
 
-
     default_prompt_version: str = Field(
         default="v1",
         validation_alias=AliasChoices(
@@ -135,6 +134,17 @@ class Settings(BaseSettings):
         ),
     )
     """Prompt version used when a request names none (env DEFAULT_PROMPT_VERSION, as the seed)."""
+    experiments: Path | None = None
+    """YAML file of the prompt experiment (ML_SERVING_EXPERIMENTS); unset: no experiment, the
+    request's version or the default. A bad file stops the server at start."""
+    experiments_poll_s: float = Field(default=5.0, gt=0)
+    """How often a thompson experiment's reward snapshot file is checked for a new one."""
+    decision_log: Path | None = None
+    """File the decision log appends JSON lines to; unset: the `ml_serving.decisions` logger.
+    Decisions are logged when an experiment runs or this is set."""
+    decision_user_key: SecretStr | None = None
+    """Key of the user-id hash in the decision log (the raw id is never logged); set the same
+    key on every replica so hashes join. Unset: a random key per process, with a warning."""
 
     tls_cert_file: Path | None = None
     """PEM certificate chain of the gRPC port; with tls_key_file it turns TLS on (no mesh)."""

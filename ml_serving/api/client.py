@@ -30,7 +30,7 @@ from ml_serving._proto.mlserving.v1.inference_service_pb2 import (
     ScoreRequest,
     ScoreResponse,
 )
-from ml_serving._proto.mlserving.v1.prompt_pb2 import PromptVersion
+from ml_serving._proto.mlserving.v1.prompt_pb2 import PromptAssignment, PromptChoice, PromptVersion
 from ml_serving._proto.mlserving.v1.scoring_pb2 import Candidate, CandidateScore, ScoreLayout
 from ml_serving.api.security import AUTHORIZATION_KEY, Metadata
 
@@ -51,6 +51,8 @@ __all__ = [
     "InferenceClient",
     "ListPromptVersionsRequest",
     "ListPromptVersionsResponse",
+    "PromptAssignment",
+    "PromptChoice",
     "PromptVersion",
     "ScoreLayout",
     "ScoreRequest",

@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ml_serving.api.rpc import METHOD_TYPES, SERVICE, Gate
+from ml_serving.experiments.runtime import Experiments
 from ml_serving.scoring.registry import ModelHolder
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,68 @@ class _LiveState(Collector):
             for reason in ("unavailable", "refused"):
                 polls.add_metric([reason], self._models.poll_failures[reason])
             yield polls
+
+
+class _ExperimentState(Collector):
+    """The prompt experiment, read at scrape time: assignments, shares, snapshot, shadows."""
+
+    def __init__(self, experiments: Experiments) -> None:
+        self._experiments = experiments
+
+    def collect(self) -> Iterator[Any]:
+        experiments = self._experiments
+        assignments = CounterMetricFamily(
+            "mlserving_prompt_assignments",
+            "Generate prompt versions chosen, by experiment, version and how chosen "
+            "(request, experiment, default).",
+            labels=["experiment", "prompt_version", "chosen"],
+        )
+        for (experiment, version, how), count in list(experiments.selector.counts.items()):
+            assignments.add_metric([experiment, version, how.value], count)
+        yield assignments
+        experiment = experiments.experiment
+        if experiment is not None:
+            shares = GaugeMetricFamily(
+                "mlserving_experiment_share",
+                "Current share of each variant in the experiment.",
+                labels=["experiment", "prompt_version"],
+            )
+            for version, share in experiment.shares.shares.items():
+                shares.add_metric([experiment.name, version], share)
+            yield shares
+            age = experiment.snapshot_age_s()
+            snapshot = GaugeMetricFamily(
+                "mlserving_experiment_snapshot_age_seconds",
+                "Age (from its as_of) of the reward snapshot the shares come from; -1 without one.",
+                labels=["experiment"],
+            )
+            snapshot.add_metric([experiment.name], -1.0 if age is None else age)
+            yield snapshot
+            refused = CounterMetricFamily(
+                "mlserving_experiment_snapshots_refused",
+                "Reward snapshots refused (malformed, another experiment's, or stale).",
+                labels=["experiment"],
+            )
+            refused.add_metric([experiment.name], experiment.refused)
+            yield refused
+        if experiments.shadow is not None:
+            outcomes = CounterMetricFamily(
+                "mlserving_shadow",
+                "Shadow prompt-version runs by outcome (ran, skipped, failed, cancelled).",
+                labels=["prompt_version", "outcome"],
+            )
+            for outcome, count in experiments.shadow.outcomes.items():
+                outcomes.add_metric([experiments.shadow.version, outcome.value], count)
+            yield outcomes
+        if experiments.decisions is not None:
+            lines = CounterMetricFamily(
+                "mlserving_decision_log_lines",
+                "Decision log lines written, and lost to a failed write.",
+                labels=["result"],
+            )
+            lines.add_metric(["written"], experiments.decisions.lines)
+            lines.add_metric(["lost"], experiments.decisions.write_errors)
+            yield lines
 
 
 class Metrics:
@@ -188,6 +251,10 @@ class Metrics:
         logger.info("metrics listening", extra={"metrics_port": bound})
         self._http_server = http_server
         return bound
+
+    def watch_experiments(self, experiments: Experiments) -> None:
+        """Expose the prompt experiment's state (read at scrape time)."""
+        self.registry.register(_ExperimentState(experiments))
 
     def close(self) -> None:
         """Stop the /metrics endpoint, if serving."""

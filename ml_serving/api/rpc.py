@@ -68,6 +68,11 @@ P = ParamSpec("P")
 _annotations: ContextVar[dict[str, Any] | None] = ContextVar("rpc_annotations", default=None)
 
 
+def set_trailers(context: grpc.aio.ServicerContext[Any, Any], *extra: tuple[str, str]) -> None:
+    """The call's trailing metadata: its request id (set by the layer) plus `extra`."""
+    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id_var.get()), *extra))
+
+
 def annotate(**fields: Any) -> None:
     """Add fields (prompt_version, model, ...) to the current RPC's access-log line."""
     current = _annotations.get()

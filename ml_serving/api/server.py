@@ -16,6 +16,7 @@ from ml_serving.api import rpc
 from ml_serving.api.metrics import Metrics
 from ml_serving.api.servicer import InferenceServicer
 from ml_serving.config import Settings
+from ml_serving.experiments.runtime import Experiments
 from ml_serving.generation.prompts.registry import PromptRegistry
 from ml_serving.generation.service import Generator
 from ml_serving.scoring import mlflow_registry
@@ -80,6 +81,8 @@ class App:
     """The bound /metrics port, or None when ML_SERVING_METRICS_PORT=0."""
     failure: str | None = None
     """Why start-up failed after listening began (e.g. a bad LLM config); None when fine."""
+    experiments: Experiments | None = None
+    """The prompt experiment's selector, decision log and shadow runner."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -99,6 +102,8 @@ class App:
             task.cancel()
         await self._refuse_queued_calls(min(grace, QUEUED_CALLS_WINDOW_S))
         await self.server.stop(grace)
+        if self.experiments is not None:
+            await self.experiments.close()
         self.metrics.close()
         self._stopped.set()
         logger.info("stopped")
@@ -124,6 +129,17 @@ async def start(settings: Settings) -> App:
     """Load the model and prompts (fail fast on bad ones), start listening, then warm the LLM
     gateway in the background; readiness turns SERVING once it is warm."""
     prompts = PromptRegistry(default_version=settings.default_prompt_version)
+    experiments = Experiments.load(
+        settings.experiments,
+        default_version=prompts.default_version,
+        known_versions=prompts.known_versions(),
+        decision_log=settings.decision_log,
+        user_key=(
+            settings.decision_user_key.get_secret_value().encode()
+            if settings.decision_user_key
+            else None
+        ),
+    )
     if settings.model_uri:
         # MLflow: starts from the local cache; the client is imported by the first poll, in a
         # thread, so nothing here waits for MLflow (or for its import).
@@ -145,8 +161,10 @@ async def start(settings: Settings) -> App:
         max_tokens_limit=settings.llm_max_tokens_limit,
         timeout_margin_s=settings.llm_timeout_margin_s,
         fallback=settings.llm_fallback,
+        experiments=experiments,
     )
     metrics = Metrics(gate, models)
+    metrics.watch_experiments(experiments)
     generator.observer = metrics
     server = grpc.aio.server(options=grpc_options(settings))
     score_bound = rpc.TooLarge(
@@ -168,12 +186,16 @@ async def start(settings: Settings) -> App:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     app = App(settings, server, port, health_servicer, gate, models, prompts, generator, metrics)
+    app.experiments = experiments
     if settings.metrics_port:
         app.metrics_port = metrics.serve(settings.host, settings.metrics_port)
     app._tasks.append(asyncio.create_task(_warm_up(app), name="llm-warm-up"))
     watch = models.watch(settings.model_poll_s, settings.model_poll_max_backoff_s)
     app._tasks.append(asyncio.create_task(watch, name="model-watch"))
     app._tasks.append(asyncio.create_task(rpc.watch_stalls(gate), name="stall-watch"))
+    app._tasks.append(
+        asyncio.create_task(experiments.watch(settings.experiments_poll_s), name="snapshot-watch")
+    )
     logger.info(
         "listening",
         extra={

@@ -15,6 +15,7 @@ from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from ml_serving.api import rpc
 from ml_serving.config import Settings
+from ml_serving.experiments.assignment import HowChosen
 from ml_serving.generation.context import TipSignals
 from ml_serving.generation.prompts.registry import PromptRegistry
 from ml_serving.generation.service import GenerationRequest, GenerationResult, Generator
@@ -35,6 +36,13 @@ _FINISH = {
 }
 
 _NO_FINISH = generation_pb2.FINISH_REASON_UNSPECIFIED
+_CHOSEN = {
+    HowChosen.REQUEST: prompt_pb2.PROMPT_CHOICE_REQUEST,
+    HowChosen.EXPERIMENT: prompt_pb2.PROMPT_CHOICE_EXPERIMENT,
+    HowChosen.DEFAULT: prompt_pb2.PROMPT_CHOICE_DEFAULT,
+}
+DECISION_ID_KEY = "x-decision-id"
+"""Trailer carrying a Generate call's decision id (also in the response)."""
 _LAYOUTS = frozenset(scoring_pb2.ScoreLayout.values())
 
 GenerateLike = pb.GenerateRequest | pb.GenerateStreamRequest
@@ -128,7 +136,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse],
     ) -> pb.GenerateResponse:
         result = await self._generator.generate(_generation_request(request, context))
-        return pb.GenerateResponse(text=result.text, **_result_fields(result))
+        return pb.GenerateResponse(text=result.text, **_result_fields(result, context))
 
     @rpc.server_streaming
     async def GenerateStream(
@@ -143,7 +151,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     yield pb.GenerateStreamResponse(text_delta=event)
                     continue
                 yield pb.GenerateStreamResponse(
-                    end=generation_pb2.GenerateStreamEnd(**_result_fields(event))
+                    end=generation_pb2.GenerateStreamEnd(**_result_fields(event, context))
                 )
 
     @rpc.unary
@@ -195,12 +203,28 @@ def _generation_request(
     )
 
 
-def _result_fields(result: GenerationResult) -> dict[str, Any]:
+def _result_fields(
+    result: GenerationResult, context: grpc.aio.ServicerContext[Any, Any]
+) -> dict[str, Any]:
     """What GenerateResponse and GenerateStreamEnd share, from one GenerationResult; the same
-    fields go on the access-log line."""
+    fields go on the access-log line, and the decision id in the trailers too."""
     completion = result.completion
-    rpc.annotate(prompt_version=result.prompt_version, model=result.model, fallback=result.fallback)
+    assignment = result.assignment
+    rpc.annotate(
+        prompt_version=result.prompt_version,
+        model=result.model,
+        fallback=result.fallback,
+        decision_id=assignment.decision_id,
+        chosen=assignment.how.value,
+    )
+    rpc.set_trailers(context, (DECISION_ID_KEY, assignment.decision_id))
     return {
+        "decision_id": assignment.decision_id,
+        "assignment": prompt_pb2.PromptAssignment(
+            experiment=assignment.experiment or "",
+            propensity=assignment.propensity,
+            chosen=_CHOSEN[assignment.how],
+        ),
         "prompt_version": result.prompt_version,
         "prompt_hash": result.prompt_hash,
         "model": completion.model,

@@ -7,12 +7,15 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ml_serving import errors
+from ml_serving.experiments.assignment import Assignment
+from ml_serving.experiments.runtime import Experiments
 from ml_serving.generation.context import PromptContext, TipSignals, assemble_context
 from ml_serving.generation.prompts.registry import PromptRegistry, PromptTemplate, fallback_tip
 from ml_serving.observability import tracing
+from ml_serving.observability.logs import request_id_var
 
 if TYPE_CHECKING:
     from ml_serving.generation.llm.gateway import Completion, LLMGateway
@@ -47,6 +50,8 @@ class GenerationResult:
     prompt_hash: str
     fallback: bool
     """True when no LLM route answered and the version's curated tip stood in."""
+    assignment: Assignment
+    """How the version was chosen: decision id, propensity, experiment."""
 
     @property
     def text(self) -> str:
@@ -68,8 +73,12 @@ class Generator:
         max_tokens_limit: int,
         timeout_margin_s: float,
         fallback: bool,
+        experiments: Experiments | None = None,
     ) -> None:
         self._prompts = prompts
+        self._experiments = experiments or Experiments(
+            None, default_version=prompts.default_version, known_versions=prompts.known_versions()
+        )
         self._default_max_tokens = default_max_tokens
         self._max_tokens_limit = max_tokens_limit
         self._margin = timeout_margin_s
@@ -79,10 +88,11 @@ class Generator:
         self.observer: LLMObserver | None = None
         """Told about every upstream call (metrics); None means nobody listens."""
 
-    def _prepare(
-        self, request: GenerationRequest
-    ) -> tuple[PromptTemplate, PromptContext, list[dict[str, str]], int, float | None]:
-        template = self._prompts.resolve(request.prompt_version)
+    def _prepare(self, request: GenerationRequest) -> _Prepared:
+        assignment = self._experiments.selector.select(
+            request.signals.user_id, request.prompt_version
+        )
+        template = self._prompts.resolve(assignment.version)
         context = assemble_context(request.signals)
         if request.max_tokens > self._max_tokens_limit:
             raise errors.InvalidArgument(
@@ -97,11 +107,12 @@ class Generator:
         if self.gateway is None:
             raise errors.NotReady("the LLM gateway is still starting; retry shortly")
         messages = self._prompts.render(template, context)  # logs the prompt at DEBUG
-        return template, context, messages, max_tokens, timeout_s
+        return _Prepared(assignment, template, context, messages, max_tokens, timeout_s)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """One tip, unary."""
-        template, context, messages, max_tokens, timeout_s = self._prepare(request)
+        prepared = self._prepare(request)
+        assignment, template, context, messages, max_tokens, timeout_s = prepared
         assert self.gateway is not None
         call = _LLMCall(self.observer, self.gateway.route_model)
         try:
@@ -119,9 +130,17 @@ class Generator:
                 raise
             logger.warning("every LLM route failed; answering with a fallback tip: %s", exc)
             completion = _fallback_completion(template, context)
-            return GenerationResult(completion, template.version, template.content_hash, True)
+            fallback = GenerationResult(
+                completion, template.version, template.content_hash, True, assignment
+            )
+            self._decided(request, prepared, fallback)
+            return fallback
         logger.debug("completion", extra={"completion": completion.text})
-        return GenerationResult(completion, template.version, template.content_hash, False)
+        result = GenerationResult(
+            completion, template.version, template.content_hash, False, assignment
+        )
+        self._decided(request, prepared, result)
+        return result
 
     async def stream(
         self, request: GenerationRequest
@@ -129,7 +148,8 @@ class Generator:
         """Text deltas as they arrive, then the GenerationResult with the totals. A failure
         before the first delta may still fall back; after it, the stream ends with the error
         (text already sent stays)."""
-        template, context, messages, max_tokens, timeout_s = self._prepare(request)
+        prepared = self._prepare(request)
+        assignment, template, context, messages, max_tokens, timeout_s = prepared
         assert self.gateway is not None
         call = _LLMCall(self.observer, self.gateway.route_model)
         sent_any = False
@@ -150,18 +170,80 @@ class Generator:
                             yield event
                         else:
                             call.done(event)
-                            yield GenerationResult(
-                                event, template.version, template.content_hash, False
+                            end = GenerationResult(
+                                event, template.version, template.content_hash, False, assignment
                             )
+                            self._decided(request, prepared, end)
+                            yield end
         except _FALLBACK_COVERS as exc:
             if sent_any or not self._fallback:
                 raise
             logger.warning("every LLM route failed; streaming a fallback tip: %s", exc)
             completion = _fallback_completion(template, context)
             yield completion.text
-            yield GenerationResult(
-                replace(completion, text=""), template.version, template.content_hash, True
+            end = GenerationResult(
+                replace(completion, text=""),
+                template.version,
+                template.content_hash,
+                True,
+                assignment,
             )
+            self._decided(request, prepared, end)
+            yield end
+
+    def _decided(
+        self, request: GenerationRequest, prepared: _Prepared, result: GenerationResult
+    ) -> None:
+        """Log the decision, then maybe start the shadow version (never waits, never raises
+        into the call: the answer is already made)."""
+        experiments = self._experiments
+        if experiments.decisions is not None:
+            experiments.decisions.record(
+                result.assignment,
+                user_id=request.signals.user_id,
+                prompt_hash=result.prompt_hash,
+                model=result.model,
+                fallback=result.fallback,
+                request_id=request_id_var.get(),
+            )
+        shadow = experiments.shadow
+        if shadow is not None:  # it samples, bounds and counts; never raises
+            shadow.maybe_run(
+                result.assignment.decision_id,
+                result.prompt_version,
+                lambda: self._shadow(shadow.version, prepared, request.temperature),
+            )
+
+    async def _shadow(
+        self, version: str, primary: _Prepared, temperature: float | None
+    ) -> GenerationResult:
+        """The shadow version on the primary's context: no selection, no decision, no fallback
+        tip (a failure is the shadow runner's to count), bounded by the runner's timeout."""
+        template = self._prompts.resolve(version)
+        gateway = self.gateway
+        if gateway is None:
+            raise errors.NotReady("the LLM gateway is not ready")
+        completion = await gateway.complete(
+            self._prompts.render(template, primary.context),
+            max_tokens=primary.max_tokens,
+            temperature=temperature,
+            timeout_s=None,
+            offline_text=compose_offline_tip(template, primary.context),
+        )
+        return GenerationResult(
+            completion, template.version, template.content_hash, False, primary.assignment
+        )
+
+
+class _Prepared(NamedTuple):
+    """A call ready for the gateway: its assignment, prompt, context and limits."""
+
+    assignment: Assignment
+    template: PromptTemplate
+    context: PromptContext
+    messages: list[dict[str, str]]
+    max_tokens: int
+    timeout_s: float | None
 
 
 class LLMObserver(Protocol):

@@ -79,20 +79,24 @@ def tip_context(**overrides: Any) -> generation_pb2.TipContext:
     return generation_pb2.TipContext(**fields)
 
 
-def generate_request(prompt_version: str = "", **context: Any) -> pb.GenerateRequest:
-    """A valid GenerateRequest."""
+def generate_request(
+    prompt_version: str = "", user_id: str = "user-42", **context: Any
+) -> pb.GenerateRequest:
+    """A valid GenerateRequest (`context` overrides TipContext fields)."""
     return pb.GenerateRequest(
-        user_id="user-42",
+        user_id=user_id,
         prompt_version=prompt_version,
         context=tip_context(**context),
         limits=generation_pb2.GenerationLimits(max_tokens=120),
     )
 
 
-def generate_stream_request(prompt_version: str = "", **context: Any) -> pb.GenerateStreamRequest:
+def generate_stream_request(
+    prompt_version: str = "", user_id: str = "user-42", **context: Any
+) -> pb.GenerateStreamRequest:
     """A valid GenerateStreamRequest (same fields as GenerateRequest)."""
     return pb.GenerateStreamRequest.FromString(
-        generate_request(prompt_version, **context).SerializeToString()
+        generate_request(prompt_version, user_id, **context).SerializeToString()
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ml_serving.experiments.assignment import new_decision_id
+from ml_serving.experiments.assignment import Assignment, HowChosen, new_decision_id
 from ml_serving.experiments.config import ShadowConfig
 from ml_serving.experiments.decisions import DecisionLog, ShadowResult
 from ml_serving.experiments.shadow import ShadowOutcome, ShadowRunner, sampled
@@ -21,8 +21,9 @@ SHADOW = "v3-few-shot"
 
 def result(text: str = "Walk for ten minutes after lunch.") -> GenerationResult:
     # The Generator's own result type is what the wiring passes: it must fit ShadowResult.
+    assignment = Assignment(new_decision_id(), SHADOW, HowChosen.EXPERIMENT, 0.25, "tip-prompts")
     r: ShadowResult = GenerationResult(
-        Completion(text, "m", 12, 8, "stop"), SHADOW, "ef" * 32, False
+        Completion(text, "m", 12, 8, "stop"), SHADOW, "ef" * 32, False, assignment
     )
     assert isinstance(r, GenerationResult)
     return r

@@ -22,25 +22,26 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from . import prompt_pb2 as mlserving_dot_v1_dot_prompt__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmlserving/v1/generation.proto\x12\x0cmlserving.v1\"\xbd\x01\n\nTipContext\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\x11\n\tinterests\x18\x04 \x03(\t\x12\x37\n\x10\x65xperience_level\x18\x05 \x01(\x0e\x32\x1d.mlserving.v1.ExperienceLevel\x12\x13\n\x0bstreak_days\x18\x06 \x01(\r\x12\x13\n\x0brecent_tips\x18\x07 \x03(\t\x12\x0e\n\x06locale\x18\x08 \x01(\t\"P\n\x10GenerationLimits\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"T\n\nTokenUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xbd\x01\n\x11GenerateStreamEnd\x12\x16\n\x0eprompt_version\x18\x01 \x01(\t\x12\x13\n\x0bprompt_hash\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\'\n\x05usage\x18\x04 \x01(\x0b\x32\x18.mlserving.v1.TokenUsage\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.mlserving.v1.FinishReason\x12\x10\n\x08\x66\x61llback\x18\x06 \x01(\x08*\x94\x01\n\x0f\x45xperienceLevel\x12 \n\x1c\x45XPERIENCE_LEVEL_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45XPERIENCE_LEVEL_BEGINNER\x10\x01\x12!\n\x1d\x45XPERIENCE_LEVEL_INTERMEDIATE\x10\x02\x12\x1d\n\x19\x45XPERIENCE_LEVEL_ADVANCED\x10\x03*\x81\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmlserving/v1/generation.proto\x12\x0cmlserving.v1\x1a\x19mlserving/v1/prompt.proto\"\xbd\x01\n\nTipContext\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\x11\n\tinterests\x18\x04 \x03(\t\x12\x37\n\x10\x65xperience_level\x18\x05 \x01(\x0e\x32\x1d.mlserving.v1.ExperienceLevel\x12\x13\n\x0bstreak_days\x18\x06 \x01(\r\x12\x13\n\x0brecent_tips\x18\x07 \x03(\t\x12\x0e\n\x06locale\x18\x08 \x01(\t\"P\n\x10GenerationLimits\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"T\n\nTokenUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x86\x02\n\x11GenerateStreamEnd\x12\x16\n\x0eprompt_version\x18\x01 \x01(\t\x12\x13\n\x0bprompt_hash\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\'\n\x05usage\x18\x04 \x01(\x0b\x32\x18.mlserving.v1.TokenUsage\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.mlserving.v1.FinishReason\x12\x10\n\x08\x66\x61llback\x18\x06 \x01(\x08\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x07 \x01(\t\x12\x32\n\nassignment\x18\x08 \x01(\x0b\x32\x1e.mlserving.v1.PromptAssignment*\x94\x01\n\x0f\x45xperienceLevel\x12 \n\x1c\x45XPERIENCE_LEVEL_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45XPERIENCE_LEVEL_BEGINNER\x10\x01\x12!\n\x1d\x45XPERIENCE_LEVEL_INTERMEDIATE\x10\x02\x12\x1d\n\x19\x45XPERIENCE_LEVEL_ADVANCED\x10\x03*\x81\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mlserving.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXPERIENCELEVEL']._serialized_start=600
-  _globals['_EXPERIENCELEVEL']._serialized_end=748
-  _globals['_FINISHREASON']._serialized_start=751
-  _globals['_FINISHREASON']._serialized_end=880
-  _globals['_TIPCONTEXT']._serialized_start=48
-  _globals['_TIPCONTEXT']._serialized_end=237
-  _globals['_GENERATIONLIMITS']._serialized_start=239
-  _globals['_GENERATIONLIMITS']._serialized_end=319
-  _globals['_TOKENUSAGE']._serialized_start=321
-  _globals['_TOKENUSAGE']._serialized_end=405
-  _globals['_GENERATESTREAMEND']._serialized_start=408
-  _globals['_GENERATESTREAMEND']._serialized_end=597
+  _globals['_EXPERIENCELEVEL']._serialized_start=700
+  _globals['_EXPERIENCELEVEL']._serialized_end=848
+  _globals['_FINISHREASON']._serialized_start=851
+  _globals['_FINISHREASON']._serialized_end=980
+  _globals['_TIPCONTEXT']._serialized_start=75
+  _globals['_TIPCONTEXT']._serialized_end=264
+  _globals['_GENERATIONLIMITS']._serialized_start=266
+  _globals['_GENERATIONLIMITS']._serialized_end=346
+  _globals['_TOKENUSAGE']._serialized_start=348
+  _globals['_TOKENUSAGE']._serialized_end=432
+  _globals['_GENERATESTREAMEND']._serialized_start=435
+  _globals['_GENERATESTREAMEND']._serialized_end=697
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from . import prompt_pb2 as _prompt_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -201,6 +202,8 @@ class GenerateStreamEnd(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    ASSIGNMENT_FIELD_NUMBER: _builtins.int
     prompt_version: _builtins.str
     """The prompt version actually used."""
     prompt_hash: _builtins.str
@@ -211,9 +214,15 @@ class GenerateStreamEnd(_message.Message):
     """Why generation stopped."""
     fallback: _builtins.bool
     """True when every LLM route failed and the streamed text is a curated fallback tip."""
+    decision_id: _builtins.str
+    """Unique id of this call's prompt decision: log the user's reaction against it."""
     @_builtins.property
     def usage(self) -> Global___TokenUsage:
         """Token counts for the call."""
+
+    @_builtins.property
+    def assignment(self) -> _prompt_pb2.PromptAssignment:
+        """How the prompt version was chosen, with its propensity."""
 
     def __init__(
         self,
@@ -224,10 +233,12 @@ class GenerateStreamEnd(_message.Message):
         usage: Global___TokenUsage | None = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
         fallback: _builtins.bool = ...,
+        decision_id: _builtins.str = ...,
+        assignment: _prompt_pb2.PromptAssignment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback", b"fallback", "finish_reason", b"finish_reason", "model", b"model", "prompt_hash", b"prompt_hash", "prompt_version", b"prompt_version", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "decision_id", b"decision_id", "fallback", b"fallback", "finish_reason", b"finish_reason", "model", b"model", "prompt_hash", b"prompt_hash", "prompt_version", b"prompt_version", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

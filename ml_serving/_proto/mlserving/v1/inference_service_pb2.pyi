@@ -189,6 +189,8 @@ class GenerateResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    ASSIGNMENT_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The tip text."""
     prompt_version: _builtins.str
@@ -201,9 +203,17 @@ class GenerateResponse(_message.Message):
     """Why generation stopped."""
     fallback: _builtins.bool
     """True when every LLM route failed and the text is a curated fallback tip."""
+    decision_id: _builtins.str
+    """Unique id of this call's prompt decision (also in the x-decision-id trailer): the
+    recommender stores it beside tip_scores.prompt_version and logs the reaction against it.
+    """
     @_builtins.property
     def usage(self) -> _generation_pb2.TokenUsage:
         """Token counts for the call."""
+
+    @_builtins.property
+    def assignment(self) -> _prompt_pb2.PromptAssignment:
+        """How the prompt version was chosen, with its propensity."""
 
     def __init__(
         self,
@@ -215,10 +225,12 @@ class GenerateResponse(_message.Message):
         usage: _generation_pb2.TokenUsage | None = ...,
         finish_reason: _generation_pb2.FinishReason.ValueType = ...,
         fallback: _builtins.bool = ...,
+        decision_id: _builtins.str = ...,
+        assignment: _prompt_pb2.PromptAssignment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback", b"fallback", "finish_reason", b"finish_reason", "model", b"model", "prompt_hash", b"prompt_hash", "prompt_version", b"prompt_version", "text", b"text", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "decision_id", b"decision_id", "fallback", b"fallback", "finish_reason", b"finish_reason", "model", b"model", "prompt_hash", b"prompt_hash", "prompt_version", b"prompt_version", "text", b"text", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,13 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mlserving/v1/prompt.proto\x12\x0cmlserving.v1\"K\n\rPromptVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mlserving/v1/prompt.proto\x12\x0cmlserving.v1\"K\n\rPromptVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\"f\n\x10PromptAssignment\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x12\n\npropensity\x18\x02 \x01(\x01\x12*\n\x06\x63hosen\x18\x03 \x01(\x0e\x32\x1a.mlserving.v1.PromptChoice*\x81\x01\n\x0cPromptChoice\x12\x1d\n\x19PROMPT_CHOICE_UNSPECIFIED\x10\x00\x12\x19\n\x15PROMPT_CHOICE_REQUEST\x10\x01\x12\x1c\n\x18PROMPT_CHOICE_EXPERIMENT\x10\x02\x12\x19\n\x15PROMPT_CHOICE_DEFAULT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mlserving.v1.prompt_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PROMPTCHOICE']._serialized_start=225
+  _globals['_PROMPTCHOICE']._serialized_end=354
   _globals['_PROMPTVERSION']._serialized_start=43
   _globals['_PROMPTVERSION']._serialized_end=118
+  _globals['_PROMPTASSIGNMENT']._serialized_start=120
+  _globals['_PROMPTASSIGNMENT']._serialized_end=222
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ ml-serving: types describing the prompt registry."""
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -15,6 +16,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _PromptChoice:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PromptChoiceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PromptChoice.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROMPT_CHOICE_UNSPECIFIED: _PromptChoice.ValueType  # 0
+    """Not reported."""
+    PROMPT_CHOICE_REQUEST: _PromptChoice.ValueType  # 1
+    """The request named the version (prompt_version)."""
+    PROMPT_CHOICE_EXPERIMENT: _PromptChoice.ValueType  # 2
+    """The active experiment assigned it (sticky per user)."""
+    PROMPT_CHOICE_DEFAULT: _PromptChoice.ValueType  # 3
+    """The server's default (DEFAULT_PROMPT_VERSION, else v1)."""
+
+class PromptChoice(_PromptChoice, metaclass=_PromptChoiceEnumTypeWrapper):
+    """PromptChoice is the step of the selection precedence that picked a call's prompt version."""
+
+PROMPT_CHOICE_UNSPECIFIED: PromptChoice.ValueType  # 0
+"""Not reported."""
+PROMPT_CHOICE_REQUEST: PromptChoice.ValueType  # 1
+"""The request named the version (prompt_version)."""
+PROMPT_CHOICE_EXPERIMENT: PromptChoice.ValueType  # 2
+"""The active experiment assigned it (sticky per user)."""
+PROMPT_CHOICE_DEFAULT: PromptChoice.ValueType  # 3
+"""The server's default (DEFAULT_PROMPT_VERSION, else v1)."""
+Global___PromptChoice: _TypeAlias = PromptChoice  # noqa: Y015
 
 @_typing.final
 class PromptVersion(_message.Message):
@@ -45,3 +74,35 @@ class PromptVersion(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PromptVersion: _TypeAlias = PromptVersion  # noqa: Y015
+
+@_typing.final
+class PromptAssignment(_message.Message):
+    """PromptAssignment says how a call's prompt version was chosen and with what probability, so
+    that the reward a caller later logs against the decision id can be evaluated without bias.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    PROPENSITY_FIELD_NUMBER: _builtins.int
+    CHOSEN_FIELD_NUMBER: _builtins.int
+    experiment: _builtins.str
+    """The experiment that assigned the version; empty unless chosen is PROMPT_CHOICE_EXPERIMENT."""
+    propensity: _builtins.float
+    """The probability this version had for this call: its share in the experiment, else 1."""
+    chosen: Global___PromptChoice.ValueType
+    """Which step of the selection precedence picked the version."""
+    def __init__(
+        self,
+        *,
+        experiment: _builtins.str = ...,
+        propensity: _builtins.float = ...,
+        chosen: Global___PromptChoice.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chosen", b"chosen", "experiment", b"experiment", "propensity", b"propensity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromptAssignment: _TypeAlias = PromptAssignment  # noqa: Y015

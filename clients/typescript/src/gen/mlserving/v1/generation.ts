@@ -6,6 +6,7 @@
 
 /* eslint-disable */
 import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
+import { PromptAssignment } from "./prompt";
 
 export const protobufPackage = "mlserving.v1";
 
@@ -170,6 +171,10 @@ export interface GenerateStreamEnd {
   finishReason: FinishReason;
   /** True when every LLM route failed and the streamed text is a curated fallback tip. */
   fallback: boolean;
+  /** Unique id of this call's prompt decision: log the user's reaction against it. */
+  decisionId: string;
+  /** How the prompt version was chosen, with its propensity. */
+  assignment: PromptAssignment | undefined;
 }
 
 function createBaseTipContext(): TipContext {
@@ -579,7 +584,16 @@ export const TokenUsage: MessageFns<TokenUsage> = {
 };
 
 function createBaseGenerateStreamEnd(): GenerateStreamEnd {
-  return { promptVersion: "", promptHash: "", model: "", usage: undefined, finishReason: 0, fallback: false };
+  return {
+    promptVersion: "",
+    promptHash: "",
+    model: "",
+    usage: undefined,
+    finishReason: 0,
+    fallback: false,
+    decisionId: "",
+    assignment: undefined,
+  };
 }
 
 export const GenerateStreamEnd: MessageFns<GenerateStreamEnd> = {
@@ -601,6 +615,12 @@ export const GenerateStreamEnd: MessageFns<GenerateStreamEnd> = {
     }
     if (message.fallback !== false) {
       writer.uint32(48).bool(message.fallback);
+    }
+    if (message.decisionId !== "") {
+      writer.uint32(58).string(message.decisionId);
+    }
+    if (message.assignment !== undefined) {
+      PromptAssignment.encode(message.assignment, writer.uint32(66).fork()).join();
     }
     return writer;
   },
@@ -666,6 +686,22 @@ export const GenerateStreamEnd: MessageFns<GenerateStreamEnd> = {
             message.fallback = reader.bool();
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.decisionId = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.assignment = PromptAssignment.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -698,6 +734,12 @@ export const GenerateStreamEnd: MessageFns<GenerateStreamEnd> = {
         ? finishReasonFromJSON(object.finish_reason)
         : 0,
       fallback: isSet(object.fallback) ? globalThis.Boolean(object.fallback) : false,
+      decisionId: isSet(object.decisionId)
+        ? globalThis.String(object.decisionId)
+        : isSet(object.decision_id)
+        ? globalThis.String(object.decision_id)
+        : "",
+      assignment: isSet(object.assignment) ? PromptAssignment.fromJSON(object.assignment) : undefined,
     };
   },
 
@@ -721,6 +763,12 @@ export const GenerateStreamEnd: MessageFns<GenerateStreamEnd> = {
     if (message.fallback !== false) {
       obj.fallback = message.fallback;
     }
+    if (message.decisionId !== "") {
+      obj.decisionId = message.decisionId;
+    }
+    if (message.assignment !== undefined) {
+      obj.assignment = PromptAssignment.toJSON(message.assignment);
+    }
     return obj;
   },
 
@@ -737,6 +785,10 @@ export const GenerateStreamEnd: MessageFns<GenerateStreamEnd> = {
       : undefined;
     message.finishReason = object.finishReason ?? 0;
     message.fallback = object.fallback ?? false;
+    message.decisionId = object.decisionId ?? "";
+    message.assignment = (object.assignment !== undefined && object.assignment !== null)
+      ? PromptAssignment.fromPartial(object.assignment)
+      : undefined;
     return message;
   },
 };

@@ -29,7 +29,7 @@ import {
   TipContext,
   TokenUsage,
 } from "./generation";
-import { PromptVersion } from "./prompt";
+import { PromptAssignment, PromptVersion } from "./prompt";
 import { Candidate, CandidateScore, ScoreLayout, scoreLayoutFromJSON, scoreLayoutToJSON } from "./scoring";
 
 export const protobufPackage = "mlserving.v1";
@@ -119,6 +119,13 @@ export interface GenerateResponse {
   finishReason: FinishReason;
   /** True when every LLM route failed and the text is a curated fallback tip. */
   fallback: boolean;
+  /**
+   * Unique id of this call's prompt decision (also in the x-decision-id trailer): the
+   * recommender stores it beside tip_scores.prompt_version and logs the reaction against it.
+   */
+  decisionId: string;
+  /** How the prompt version was chosen, with its propensity. */
+  assignment: PromptAssignment | undefined;
 }
 
 /** GenerateStreamRequest asks for one personalised tip, streamed; fields as in GenerateRequest. */
@@ -701,7 +708,17 @@ export const GenerateRequest: MessageFns<GenerateRequest> = {
 };
 
 function createBaseGenerateResponse(): GenerateResponse {
-  return { text: "", promptVersion: "", promptHash: "", model: "", usage: undefined, finishReason: 0, fallback: false };
+  return {
+    text: "",
+    promptVersion: "",
+    promptHash: "",
+    model: "",
+    usage: undefined,
+    finishReason: 0,
+    fallback: false,
+    decisionId: "",
+    assignment: undefined,
+  };
 }
 
 export const GenerateResponse: MessageFns<GenerateResponse> = {
@@ -726,6 +743,12 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
     }
     if (message.fallback !== false) {
       writer.uint32(56).bool(message.fallback);
+    }
+    if (message.decisionId !== "") {
+      writer.uint32(66).string(message.decisionId);
+    }
+    if (message.assignment !== undefined) {
+      PromptAssignment.encode(message.assignment, writer.uint32(74).fork()).join();
     }
     return writer;
   },
@@ -799,6 +822,22 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
             message.fallback = reader.bool();
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.decisionId = reader.string();
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.assignment = PromptAssignment.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -832,6 +871,12 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
         ? finishReasonFromJSON(object.finish_reason)
         : 0,
       fallback: isSet(object.fallback) ? globalThis.Boolean(object.fallback) : false,
+      decisionId: isSet(object.decisionId)
+        ? globalThis.String(object.decisionId)
+        : isSet(object.decision_id)
+        ? globalThis.String(object.decision_id)
+        : "",
+      assignment: isSet(object.assignment) ? PromptAssignment.fromJSON(object.assignment) : undefined,
     };
   },
 
@@ -858,6 +903,12 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
     if (message.fallback !== false) {
       obj.fallback = message.fallback;
     }
+    if (message.decisionId !== "") {
+      obj.decisionId = message.decisionId;
+    }
+    if (message.assignment !== undefined) {
+      obj.assignment = PromptAssignment.toJSON(message.assignment);
+    }
     return obj;
   },
 
@@ -875,6 +926,10 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
       : undefined;
     message.finishReason = object.finishReason ?? 0;
     message.fallback = object.fallback ?? false;
+    message.decisionId = object.decisionId ?? "";
+    message.assignment = (object.assignment !== undefined && object.assignment !== null)
+      ? PromptAssignment.fromPartial(object.assignment)
+      : undefined;
     return message;
   },
 };

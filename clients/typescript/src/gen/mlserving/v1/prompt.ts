@@ -13,6 +13,56 @@ export const protobufFileName = "mlserving/v1/prompt.proto";
 
 /** ml-serving: types describing the prompt registry. */
 
+/** PromptChoice is the step of the selection precedence that picked a call's prompt version. */
+export enum PromptChoice {
+  /** PROMPT_CHOICE_UNSPECIFIED - Not reported. */
+  PROMPT_CHOICE_UNSPECIFIED = 0,
+  /** PROMPT_CHOICE_REQUEST - The request named the version (prompt_version). */
+  PROMPT_CHOICE_REQUEST = 1,
+  /** PROMPT_CHOICE_EXPERIMENT - The active experiment assigned it (sticky per user). */
+  PROMPT_CHOICE_EXPERIMENT = 2,
+  /** PROMPT_CHOICE_DEFAULT - The server's default (DEFAULT_PROMPT_VERSION, else v1). */
+  PROMPT_CHOICE_DEFAULT = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function promptChoiceFromJSON(object: any): PromptChoice {
+  switch (object) {
+    case 0:
+    case "PROMPT_CHOICE_UNSPECIFIED":
+      return PromptChoice.PROMPT_CHOICE_UNSPECIFIED;
+    case 1:
+    case "PROMPT_CHOICE_REQUEST":
+      return PromptChoice.PROMPT_CHOICE_REQUEST;
+    case 2:
+    case "PROMPT_CHOICE_EXPERIMENT":
+      return PromptChoice.PROMPT_CHOICE_EXPERIMENT;
+    case 3:
+    case "PROMPT_CHOICE_DEFAULT":
+      return PromptChoice.PROMPT_CHOICE_DEFAULT;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return PromptChoice.UNRECOGNIZED;
+  }
+}
+
+export function promptChoiceToJSON(object: PromptChoice): string {
+  switch (object) {
+    case PromptChoice.PROMPT_CHOICE_UNSPECIFIED:
+      return "PROMPT_CHOICE_UNSPECIFIED";
+    case PromptChoice.PROMPT_CHOICE_REQUEST:
+      return "PROMPT_CHOICE_REQUEST";
+    case PromptChoice.PROMPT_CHOICE_EXPERIMENT:
+      return "PROMPT_CHOICE_EXPERIMENT";
+    case PromptChoice.PROMPT_CHOICE_DEFAULT:
+      return "PROMPT_CHOICE_DEFAULT";
+    case PromptChoice.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** PromptVersion describes one published prompt version. */
 export interface PromptVersion {
   /** Stable version string, e.g. "v1", "v2-mentor". */
@@ -21,6 +71,19 @@ export interface PromptVersion {
   description: string;
   /** sha256 (hex) of everything the version sends to the model; locked in the repo. */
   contentHash: string;
+}
+
+/**
+ * PromptAssignment says how a call's prompt version was chosen and with what probability, so
+ * that the reward a caller later logs against the decision id can be evaluated without bias.
+ */
+export interface PromptAssignment {
+  /** The experiment that assigned the version; empty unless chosen is PROMPT_CHOICE_EXPERIMENT. */
+  experiment: string;
+  /** The probability this version had for this call: its share in the experiment, else 1. */
+  propensity: number;
+  /** Which step of the selection precedence picked the version. */
+  chosen: PromptChoice;
 }
 
 function createBasePromptVersion(): PromptVersion {
@@ -127,6 +190,111 @@ export const PromptVersion: MessageFns<PromptVersion> = {
     return message;
   },
 };
+
+function createBasePromptAssignment(): PromptAssignment {
+  return { experiment: "", propensity: 0, chosen: 0 };
+}
+
+export const PromptAssignment: MessageFns<PromptAssignment> = {
+  encode(message: PromptAssignment, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.experiment !== "") {
+      writer.uint32(10).string(message.experiment);
+    }
+    if (message.propensity !== 0) {
+      writer.uint32(17).double(message.propensity);
+    }
+    if (message.chosen !== 0) {
+      writer.uint32(24).int32(message.chosen);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PromptAssignment {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePromptAssignment();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.experiment = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 17) {
+              break;
+            }
+
+            message.propensity = reader.double();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.chosen = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PromptAssignment {
+    return {
+      experiment: isSet(object.experiment) ? globalThis.String(object.experiment) : "",
+      propensity: isSet(object.propensity) ? globalThis.Number(object.propensity) : 0,
+      chosen: isSet(object.chosen) ? promptChoiceFromJSON(object.chosen) : 0,
+    };
+  },
+
+  toJSON(message: PromptAssignment): unknown {
+    const obj: any = {};
+    if (message.experiment !== "") {
+      obj.experiment = message.experiment;
+    }
+    if (message.propensity !== 0) {
+      obj.propensity = floatToJson(message.propensity);
+    }
+    if (message.chosen !== 0) {
+      obj.chosen = promptChoiceToJSON(message.chosen);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<PromptAssignment>, I>>(base?: I): PromptAssignment {
+    return PromptAssignment.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<PromptAssignment>, I>>(object: I): PromptAssignment {
+    const message = createBasePromptAssignment();
+    message.experiment = object.experiment ?? "";
+    message.propensity = object.propensity ?? 0;
+    message.chosen = object.chosen ?? 0;
+    return message;
+  },
+};
+
+function floatToJson(value: number | null | undefined): number | string | null | undefined {
+  return typeof value === "number" && !globalThis.Number.isFinite(value) ? globalThis.String(value) : value;
+}
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
 
