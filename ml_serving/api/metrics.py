@@ -80,8 +80,8 @@ class _ExperimentState(Collector):
             "(request, experiment, default).",
             labels=["experiment", "prompt_version", "chosen"],
         )
-        for (experiment, version, how), count in list(experiments.selector.counts.items()):
-            assignments.add_metric([experiment, version, how.value], count)
+        for (name, version, how), count in list(experiments.selector.counts.items()):
+            assignments.add_metric([name, version, how.value], count)
         yield assignments
         experiment = experiments.experiment
         if experiment is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from prometheus_client import generate_latest
 
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from ml_serving._proto.mlserving.v1 import prompt_pb2
@@ -196,3 +197,24 @@ async def test_a_bad_experiments_file_stops_the_server_naming_the_key(tmp_path: 
     path = _experiments_file(tmp_path, variants={"v1": 50, "v9": 50})
     with pytest.raises(ValueError, match=r"experiments\[0\]\.variants\.v9: unknown prompt"):
         await server.start(make_settings(experiments=path))
+
+
+async def test_metrics_show_assignments_shares_and_shadows(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    app = await start_server(
+        experiments=_experiments_file(
+            tmp_path, shadow={"prompt_version": "v3-few-shot", "share": 0.5, "max_in_flight": 2}
+        )
+    )
+    channel, stub = await _stub(app)
+    async with channel:
+        for i in range(10):
+            await stub.Generate(generate_request(user_id=f"user-{i}"), timeout=30)
+    text = generate_latest(app.metrics.registry).decode()
+    assigned = [
+        line for line in text.splitlines() if line.startswith("mlserving_prompt_assignments_total{")
+    ]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in assigned) == 10
+    assert 'mlserving_experiment_share{experiment="tip-prompts",prompt_version="v1"} 0.5' in text
+    assert 'mlserving_shadow_total{outcome="skipped",prompt_version="v3-few-shot"}' in text
