@@ -59,9 +59,11 @@ async def test_ghz_score_config_request_is_scored(stub: pb_grpc.InferenceService
     config = json.loads((GHZ / "score.json").read_text())
     assert config["call"] == "mlserving.v1.InferenceService.Score"
     request = json_format.ParseDict(config["data"], pb.ScoreRequest())
-    assert len(request.candidates) == 20
+    # The columnar form, asking for the columnar response (what the bench and ghz send).
+    assert len(request.candidate_ids) == 20 and not request.candidates
     reply = await stub.Score(request)
-    assert len(reply.scores) == 20
+    assert list(reply.candidate_ids) == list(request.candidate_ids)
+    assert len(reply.candidate_scores) == 20
 
 
 def _drop_context(r: pb.ScoreRequest, name: str) -> None:
