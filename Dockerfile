@@ -3,11 +3,9 @@ FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
-COPY requirements.lock pyproject.toml README.md ./
+COPY requirements.lock ./
+# requirements.lock holds runtime dependencies only, hash-locked; dev tools never enter the image.
 RUN /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock
-COPY ml_serving ./ml_serving
-# requirements.lock holds runtime dependencies only; dev tools never enter the image.
-RUN /opt/venv/bin/pip install --no-deps --no-build-isolation .
 
 FROM python:3.11-slim-bookworm
 ENV PATH=/opt/venv/bin:$PATH \
@@ -17,10 +15,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     ML_SERVING_HOST=0.0.0.0 \
     ML_SERVING_PORT=50051 \
     ML_SERVING_METRICS_PORT=9090 \
-    ML_SERVING_MODEL_ROOT=/app/models
+    ML_SERVING_MODEL_ROOT=/app/models \
+    PYTHONPATH=/app
 RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --no-create-home app
 COPY --from=build /opt/venv /opt/venv
 COPY --chown=app:app models /app/models
+# The package runs from its source (PYTHONPATH): no build step, so no build backend to install.
+COPY ml_serving /app/ml_serving
 WORKDIR /app
 USER 10001
 EXPOSE 50051 9090
