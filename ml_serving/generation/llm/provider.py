@@ -149,6 +149,7 @@ class ProviderRoute:
     """acompletion reaches this provider through its SDK, which fails on a malformed chunk;
     LiteLLM's own iterators skip one. Kept the same as acompletion, provider by provider."""
     _optional: dict[tuple[int, float | None, bool], dict[str, Any]] = field(default_factory=dict)
+    _headers: dict[tuple[int, float | None, bool], dict[str, str]] = field(default_factory=dict)
     _requests: dict[str, httpx.Request] = field(default_factory=dict)
     """The httpx.Request each parsed answer refers to, one per URL (parsing a URL costs more
     than the rest of building the response object)."""
@@ -208,15 +209,25 @@ class ProviderRoute:
         )
         optional.pop("stream", None)
         extra_body = optional.pop("extra_body", None)
-        headers = self.config.validate_environment(
-            headers=dict(self.extra_headers),
-            model=self.name,
-            messages=msgs,
-            optional_params=optional,
-            litellm_params=self.litellm_params,
-            api_key=self.api_key,
-            api_base=self.api_base,
-        )
+        key = (max_tokens, temperature, stream)
+        headers = self._headers.get(key)
+        if headers is None:
+            # The headers follow from the route, its key and the call's parameters, and from
+            # message features (cache_control, files, tools) Generate's prompts never carry:
+            # built by the provider's config once per set of parameters, like optional_params
+            # (Anthropic's looks the model's capabilities up each time: ~0.3 ms a call).
+            headers = self.config.validate_environment(
+                headers=dict(self.extra_headers),
+                model=self.name,
+                messages=msgs,
+                optional_params=dict(optional),
+                litellm_params=self.litellm_params,
+                api_key=self.api_key,
+                api_base=self.api_base,
+            )
+            if len(self._headers) < 256:
+                self._headers[key] = headers
+        headers = dict(headers)
         data = self.config.transform_request(
             model=self.name,
             messages=msgs,
