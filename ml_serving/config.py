@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     """max_tokens when a request leaves it at 0."""
     llm_max_tokens_limit: int = Field(default=1024, ge=1)
     """Largest max_tokens a request may ask for."""
+    llm_max_call_s: float = Field(default=120.0, gt=0)
+    """Longest a Generate call may take when its caller sets no deadline (an upstream that
+    never ends cannot hold a call forever)."""
     llm_fallback: bool = True
     """When every route fails, answer a curated tip flagged fallback=true (else UNAVAILABLE)."""
     llm_http_client: str = Field(default="aiohttp", pattern="^(aiohttp|httpx)$")

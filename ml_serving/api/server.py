@@ -162,6 +162,7 @@ async def start(settings: Settings) -> App:
         timeout_margin_s=settings.llm_timeout_margin_s,
         fallback=settings.llm_fallback,
         experiments=experiments,
+        max_call_s=settings.llm_max_call_s,
     )
     metrics = Metrics(gate, models)
     metrics.watch_experiments(experiments)

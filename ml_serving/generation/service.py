@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 from ml_serving import errors
 from ml_serving.experiments.assignment import Assignment
@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from ml_serving.generation.llm.gateway import Completion, LLMGateway
 
 logger = logging.getLogger(__name__)
+
+MAX_CHARS_PER_TOKEN: Final = 16
+"""A generation is cut at max_tokens x this many characters (English averages about 4 per
+token): an upstream that ignores max_tokens, or streams forever, cannot grow a reply without
+bound. The cut ends with finish reason "length"."""
 
 # Failures that mean "no route could answer now": degraded mode may cover these with a curated
 # tip. Bad requests and spent deadlines are the caller's to see.
@@ -74,6 +79,7 @@ class Generator:
         timeout_margin_s: float,
         fallback: bool,
         experiments: Experiments | None = None,
+        max_call_s: float = 120.0,
     ) -> None:
         self._prompts = prompts
         self._experiments = experiments or Experiments(
@@ -83,6 +89,7 @@ class Generator:
         self._max_tokens_limit = max_tokens_limit
         self._margin = timeout_margin_s
         self._fallback = fallback
+        self._max_call_s = max_call_s
         self.gateway: LLMGateway | None = None
         """Set by the server once LiteLLM is imported and warm; None means not ready."""
         self.observer: LLMObserver | None = None
@@ -99,7 +106,8 @@ class Generator:
                 "limits.max_tokens", f"must be at most {self._max_tokens_limit}"
             )
         max_tokens = request.max_tokens or self._default_max_tokens
-        timeout_s = None
+        # No deadline from the caller: the server's own bound, whatever the upstream does.
+        timeout_s = self._max_call_s
         if request.time_remaining_s is not None:
             timeout_s = request.time_remaining_s - self._margin
             if timeout_s <= 0:
@@ -135,6 +143,10 @@ class Generator:
             )
             self._decided(request, prepared, fallback)
             return fallback
+        limit = max_tokens * MAX_CHARS_PER_TOKEN
+        if len(completion.text) > limit:
+            # The upstream ignored max_tokens: the caller gets what it asked for, cut.
+            completion = replace(completion, text=completion.text[:limit], finish_reason="length")
         logger.debug("completion", extra={"completion": completion.text})
         result = GenerationResult(
             completion, template.version, template.content_hash, False, assignment
@@ -153,6 +165,8 @@ class Generator:
         assert self.gateway is not None
         call = _LLMCall(self.observer, self.gateway.route_model)
         sent_any = False
+        room = max_tokens * MAX_CHARS_PER_TOKEN
+        capped: Completion | None = None
         events = self.gateway.stream(
             messages,
             max_tokens=max_tokens,
@@ -167,6 +181,14 @@ class Generator:
                     async for event in events:
                         if isinstance(event, str):
                             sent_any = True
+                            if len(event) > room:
+                                # The upstream ignored max_tokens (or never ends): cut it here;
+                                # leaving the loop closes the upstream stream.
+                                if room:
+                                    yield event[:room]
+                                capped = _capped(self.gateway.route_model)
+                                break
+                            room -= len(event)
                             yield event
                         else:
                             call.done(event)
@@ -175,6 +197,14 @@ class Generator:
                             )
                             self._decided(request, prepared, end)
                             yield end
+                if capped is not None:
+                    call.done(capped)
+            if capped is not None:
+                end = GenerationResult(
+                    capped, template.version, template.content_hash, False, assignment
+                )
+                self._decided(request, prepared, end)
+                yield end
         except _FALLBACK_COVERS as exc:
             if sent_any or not self._fallback:
                 raise
@@ -297,6 +327,13 @@ class _LLMCall:
 
 
 FALLBACK_MODEL = "fallback/curated"
+
+
+def _capped(model: str) -> Completion:
+    """The totals of a stream cut at the character cap: the upstream's own never came."""
+    from ml_serving.generation.llm.gateway import Completion
+
+    return Completion("", model, 0, 0, "length")
 
 
 def _fallback_completion(template: PromptTemplate, context: PromptContext) -> Completion:

@@ -3,7 +3,8 @@
 The requested model name picks the behaviour, so one server covers every fault:
 ``ok`` (JSON or SSE), ``status-500``, ``status-429``, ``status-400``, ``slow`` (waits
 ``delay_s`` before answering), ``broken-stream`` (drops the connection half way),
-``malformed`` (invalid JSON body / SSE data). Streams send varied tokens, with
+``malformed`` (invalid JSON body / SSE data), ``endless`` (ignores max_tokens: 200,000 tokens,
+streamed until the client closes). Streams send varied tokens, with
 ``ttft_s`` before the first and ``token_delay_s`` between the others.
 """
 
@@ -21,6 +22,10 @@ WORDS = (
     "Tonight, set a phone alarm thirty minutes before bed and use it as your cue to dim "
     "the lights, put the phone on its charger outside the bedroom, and read one page."
 ).split(" ")
+
+
+ENDLESS_TOKENS = 200_000
+"""How much the ``endless`` model says, whatever max_tokens asked for (about 1.2 MB of text)."""
 
 
 @dataclass
@@ -102,6 +107,10 @@ class FakeOpenAI:
         max_tokens = int(body.get("max_tokens") or self.tokens)
         words = [WORDS[i % len(WORDS)] for i in range(min(self.tokens, max_tokens))]
         finish = "length" if max_tokens < self.tokens else "stop"
+        if model == "endless":
+            # Ignores max_tokens: a long answer, or a stream that goes on until it is closed.
+            words = [WORDS[i % len(WORDS)] for i in range(ENDLESS_TOKENS)]
+            finish = "stop"
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
         usage = {
             "prompt_tokens": prompt_tokens,

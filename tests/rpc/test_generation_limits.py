@@ -1,0 +1,74 @@
+"""Server-side limits on a generation, whatever the upstream does: length and total time."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ml_serving._proto.mlserving.v1 import generation_pb2
+from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
+from ml_serving.generation.service import MAX_CHARS_PER_TOKEN
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.requests import generate_request, generate_stream_request
+from tests.support.servers import StartServer, write_llm_config
+from tests.support.streams import collect
+
+
+async def test_a_stream_that_ignores_max_tokens_is_cut_with_finish_length(
+    start_server: StartServer, upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    """11,045 deltas in 60 s, never ended, with max_tokens 20: now cut at 20 x 16 characters."""
+    config = write_llm_config(tmp_path / "llm.yaml", upstream, ["endless"])
+    app = await start_server(llm_config=config, llm_stream_coalesce_ms=0)
+    request = generate_stream_request()
+    request.limits.max_tokens = 20
+    cancelled = upstream.cancelled
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        text, end = await collect(stub.GenerateStream(request, timeout=30))
+    assert len(text) == 20 * MAX_CHARS_PER_TOKEN
+    assert end.finish_reason == generation_pb2.FINISH_REASON_LENGTH
+    assert not end.fallback
+    # The upstream stream was closed, not read to its end.
+    async with asyncio.timeout(10):
+        while upstream.in_progress:
+            await asyncio.sleep(0.05)
+    assert upstream.cancelled > cancelled or upstream.completed
+
+
+async def test_a_unary_answer_that_ignores_max_tokens_is_cut(
+    start_server: StartServer, upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    config = write_llm_config(tmp_path / "llm.yaml", upstream, ["endless"])
+    app = await start_server(llm_config=config)
+    request = generate_request()
+    request.limits.max_tokens = 30
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        reply = await pb_grpc.InferenceServiceStub(channel).Generate(request, timeout=30)
+    assert len(reply.text) == 30 * MAX_CHARS_PER_TOKEN
+    assert reply.finish_reason == generation_pb2.FINISH_REASON_LENGTH
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+async def test_a_call_without_a_deadline_is_bounded_by_the_server(
+    start_server: StartServer, upstream: FakeOpenAI, tmp_path: Path, method: str
+) -> None:
+    """A hung upstream and a caller with no deadline held the call for 3 x 10 s and more."""
+    config = write_llm_config(tmp_path / "llm.yaml", upstream, ["slow"])
+    app = await start_server(llm_config=config, llm_max_call_s=0.5, llm_fallback=False)
+    delay, upstream.delay_s = upstream.delay_s, 30.0
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                if method == "Generate":
+                    await stub.Generate(generate_request())
+                else:
+                    await collect(stub.GenerateStream(generate_stream_request()))
+        # Unbounded, the upstream would have answered OK after its 30 s.
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        upstream.delay_s = delay
