@@ -200,6 +200,8 @@ class ScoreResult:
     scores: Float64Array
     model_name: str
     model_version: str
+    request: AlignedRequest | None = None
+    """The aligned request the scores came from (a shadow version re-scores it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,7 +501,7 @@ def score(
         candidate_values=candidate_values,
         max_candidates=max_candidates,
     )
-    return ScoreResult(model.predict(req.context, req.candidates), model.name, model.version)
+    return ScoreResult(model.predict(req.context, req.candidates), model.name, model.version, req)
 
 
 def score_columnar(
@@ -521,4 +523,4 @@ def score_columnar(
         candidate_values=candidate_values,
         max_candidates=max_candidates,
     )
-    return ScoreResult(model.predict(req.context, req.candidates), model.name, model.version)
+    return ScoreResult(model.predict(req.context, req.candidates), model.name, model.version, req)
