@@ -93,7 +93,10 @@ async def test_over_the_limit_calls_are_shed_at_once_and_admitted_ones_complete(
     upstream = await _held_upstream()
     try:
         config = write_llm_config(tmp_path / "llm.yaml", upstream, ["ok"])
-        app = await start_server(max_concurrent_rpcs=8, llm_config=config, llm_fallback=False)
+        # One message per delta (no coalescing), so a stream's message count is exact.
+        app = await start_server(
+            max_concurrent_rpcs=8, llm_config=config, llm_fallback=False, llm_stream_coalesce_ms=0
+        )
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as chan:
             stub = pb_grpc.InferenceServiceStub(chan)
             admitted: list[Any] = [
@@ -150,7 +153,12 @@ async def test_a_client_that_stops_reading_does_not_stall_other_calls(
     total = upstream.firehose_chunks
     try:
         config = write_llm_config(tmp_path / "llm.yaml", upstream, ["firehose"])
-        app = await start_server(llm_config=config, llm_fallback=False)
+        # Each firehose delta is 64 KiB: allow a reply far longer than the server's default cap
+        # (max_tokens x 16 characters), so the stream runs until flow control holds it.
+        tokens = 4 * total * upstream.chunk_chars
+        app = await start_server(llm_config=config, llm_fallback=False, llm_max_tokens_limit=tokens)
+        request = generate_stream_request()
+        request.limits.max_tokens = tokens
         address = f"127.0.0.1:{app.port}"
         async with (
             grpc.aio.insecure_channel(address) as slow_chan,
@@ -158,7 +166,7 @@ async def test_a_client_that_stops_reading_does_not_stall_other_calls(
         ):
             slow = pb_grpc.InferenceServiceStub(slow_chan)
             other = pb_grpc.InferenceServiceStub(other_chan)
-            call = slow.GenerateStream(generate_stream_request(), timeout=60)
+            call = slow.GenerateStream(request, timeout=60)
             first = await call.read()
             assert isinstance(first, pb.GenerateStreamResponse) and first.text_delta
 

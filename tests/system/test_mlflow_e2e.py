@@ -252,12 +252,19 @@ def test_pyfunc_matches_the_grpc_answer(
         for c in request.candidates
     ]
     previous = mlflow.get_tracking_uri()
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking.uri)
     try:
         loaded = mlflow.pyfunc.load_model(f"models:/{NAME}/{trained}")
         got = np.asarray(loaded.predict(pd.DataFrame(rows)), dtype=np.float64)
     finally:
         mlflow.set_tracking_uri(previous)
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI: later tests (make train's file
+        # path) must not inherit it.
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
     want = np.array([s.score for s in reply.scores])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
