@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import pytest
@@ -9,6 +10,11 @@ import pytest
 from ml_serving.api import server
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.servers import StartServer, make_settings
+
+# Settings read the environment: a developer's own server settings or MLflow server must not
+# reach the tests, which set what they need themselves.
+for _name in [n for n in os.environ if n.startswith("ML_SERVING_") or n == "MLFLOW_TRACKING_URI"]:
+    del os.environ[_name]
 
 
 @pytest.fixture(scope="session")
