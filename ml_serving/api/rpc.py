@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, Final, ParamSpec, Protocol, TypeVar
 
@@ -29,7 +28,7 @@ from ml_serving import errors
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving.api import security
 from ml_serving.observability import tracing
-from ml_serving.observability.logs import FieldsLogger, request_id_var
+from ml_serving.observability.logs import FieldsLogger, access_notes_var, request_id_var
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("ml_serving.access")
@@ -64,20 +63,6 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 S = TypeVar("S", bound="HasGate")
 P = ParamSpec("P")
-
-_annotations: ContextVar[dict[str, Any] | None] = ContextVar("rpc_annotations", default=None)
-
-
-def set_trailers(context: grpc.aio.ServicerContext[Any, Any], *extra: tuple[str, str]) -> None:
-    """The call's trailing metadata: its request id (set by the layer) plus `extra`."""
-    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id_var.get()), *extra))
-
-
-def annotate(**fields: Any) -> None:
-    """Add fields (prompt_version, model, ...) to the current RPC's access-log line."""
-    current = _annotations.get()
-    if current is not None:
-        current.update(fields)
 
 
 class RpcObserver(Protocol):
@@ -277,7 +262,7 @@ class _Call:
         self.notes: dict[str, Any] = {}
         self.admitted = False
         self.started = gate.last_arrival = time.perf_counter()
-        self._tokens = (request_id_var.set(self.request_id), _annotations.set(self.notes))
+        self._tokens = (request_id_var.set(self.request_id), access_notes_var.set(self.notes))
         self._span = tracing.rpc_span(f"/{SERVICE}/{method}", self.metadata)
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
         for observer in gate.observers:
@@ -312,7 +297,7 @@ class _Call:
         if self._span is not None:
             self._span.end(code, self.notes)
         try:
-            _annotations.reset(self._tokens[1])
+            access_notes_var.reset(self._tokens[1])
             request_id_var.reset(self._tokens[0])
         except ValueError:
             # A stream finalised after a cancel runs here in another Context, where these

@@ -19,7 +19,7 @@ from ml_serving.experiments.assignment import HowChosen
 from ml_serving.generation.context import TipSignals
 from ml_serving.generation.prompts.registry import PromptRegistry
 from ml_serving.generation.service import GenerationRequest, GenerationResult, Generator
-from ml_serving.observability import tracing
+from ml_serving.observability import logs, tracing
 from ml_serving.scoring.model import refuse_too_many_candidates, score, score_columnar
 from ml_serving.scoring.registry import ModelHolder
 
@@ -116,7 +116,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     candidate_values=[c.values for c in candidates],
                     max_candidates=max_candidates,
                 )
-        rpc.annotate(model=f"{result.model_name}:{result.model_version}", candidates=n)
+        logs.annotate(model=f"{result.model_name}:{result.model_version}", candidates=n)
         response = pb.ScoreResponse(
             model_name=result.model_name, model_version=result.model_version
         )
@@ -210,14 +210,16 @@ def _result_fields(
     fields go on the access-log line, and the decision id in the trailers too."""
     completion = result.completion
     assignment = result.assignment
-    rpc.annotate(
+    logs.annotate(
         prompt_version=result.prompt_version,
         model=result.model,
         fallback=result.fallback,
         decision_id=assignment.decision_id,
         chosen=assignment.how.value,
     )
-    rpc.set_trailers(context, (DECISION_ID_KEY, assignment.decision_id))
+    context.set_trailing_metadata(
+        ((rpc.REQUEST_ID_KEY, logs.request_id_var.get()), (DECISION_ID_KEY, assignment.decision_id))
+    )
     return {
         "decision_id": assignment.decision_id,
         "assignment": prompt_pb2.PromptAssignment(

@@ -18,6 +18,19 @@ from typing import Any, TextIO
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 """The id of the RPC being handled in this task; '-' outside any RPC."""
 
+access_notes_var: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "access_notes", default=None
+)
+"""The fields the RPC being handled adds to its access-log line (set by the RPC layer)."""
+
+
+def annotate(**fields: Any) -> None:
+    """Add fields (prompt_version, model, ...) to the current RPC's access-log line."""
+    current = access_notes_var.get()
+    if current is not None:
+        current.update(fields)
+
+
 # Attributes every LogRecord has; anything else was passed through `extra=` and is logged too.
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 # One encoder for every line: json.dumps(default=...) would build a new one per call.
