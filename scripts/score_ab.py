@@ -3,7 +3,8 @@
 On a shared, noisy machine, runs one after the other measure the neighbours as much as the
 change (back-to-back `make bench` Score rows move by ±15%). Here both servers run side by side
 (`python -m ml_serving` from each checkout, INFO access log on, metrics port off); each round
-one client process drives both with the ghz Score request, half the concurrency each, for
+one client process drives both, each with its own checkout's ghz Score request (so a change of
+the request's form is measured too), half the concurrency each, for
 --seconds, so whatever else the machine does hits both alike. Per round it reads each server's
 CPU from /proc: the event-loop thread (the one that saturates first) and the whole process. The
 report gives every round and the median of the paired differences, B minus A; the two servers
@@ -30,7 +31,6 @@ from google.protobuf import json_format
 
 from bench import procs
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
-from tests.support import REPO
 from tests.support.server_process import ServerProcess
 
 METHOD = "/mlserving.v1.InferenceService/Score"
@@ -51,7 +51,10 @@ def _cpu_s(pid: int) -> tuple[float, float]:
 
 
 async def _round(
-    servers: list[ServerProcess], request: pb.ScoreRequest, seconds: float, concurrency: int
+    servers: list[ServerProcess],
+    requests: list[pb.ScoreRequest],
+    seconds: float,
+    concurrency: int,
 ) -> list[dict[str, float]]:
     channels = [grpc.aio.insecure_channel(s.address) for s in servers]
     try:
@@ -59,15 +62,16 @@ async def _round(
             ch.unary_unary(METHOD, request_serializer=pb.ScoreRequest.SerializeToString)
             for ch in channels
         ]
-        for call in calls:
+        for call, request in zip(calls, requests, strict=True):
             for _ in range(100):  # warm both connections and servers
                 await call(request)
         done = [0] * len(servers)
         stop = time.perf_counter() + seconds
 
         async def worker(i: int) -> None:
+            call, request = calls[i], requests[i]
             while time.perf_counter() < stop:
-                await calls[i](request)
+                await call(request)
                 done[i] += 1
 
         before = [_cpu_s(s.pid) for s in servers]
@@ -86,6 +90,12 @@ async def _round(
     ]
 
 
+def _ghz_request(checkout: Path) -> pb.ScoreRequest:
+    """The Score request of a checkout's bench/ghz/score.json (the form that checkout sends)."""
+    data = json.loads((checkout / "bench/ghz/score.json").read_text())["data"]
+    return json_format.ParseDict(data, pb.ScoreRequest(), ignore_unknown_fields=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("a", type=Path, help="checkout A (the baseline)")
@@ -94,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args(argv)
-    data = json.loads((REPO / "bench/ghz/score.json").read_text())["data"]
-    request = json_format.ParseDict(data, pb.ScoreRequest())
+    requests = [_ghz_request(args.a), _ghz_request(args.b)]
     env = {"ML_SERVING_LOG_LEVEL": "INFO"}
     servers = [
         ServerProcess(cwd=args.a.resolve(), **env),
@@ -107,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             server.wait_ready()
         for r in range(args.rounds):
             order = servers if r % 2 == 0 else servers[::-1]
-            result = asyncio.run(_round(order, request, args.seconds, args.concurrency))
+            sent = requests if r % 2 == 0 else requests[::-1]
+            result = asyncio.run(_round(order, sent, args.seconds, args.concurrency))
             a, b = result if r % 2 == 0 else result[::-1]
             rows.append([a, b])
             print(
