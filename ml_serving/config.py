@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     logs runs and registers versions when set. Credentials: MLflow's own MLFLOW_TRACKING_* vars."""
     max_candidates: int = Field(default=1000, ge=1)
     """Most candidates one Score request may carry."""
+    score_shadow_share: float = Field(default=0.0, ge=0, le=1)
+    """Share of Score calls the shadow model version re-scores once the answer is on its way
+    (the registry's SHADOW pointer; on MLflow the `challenger` alias), for the rank-agreement
+    metrics; 0 = off (no pointer is polled)."""
+    score_shadow_max_in_flight_rpcs: int = Field(default=64, ge=0)
+    """Shadow comparisons are skipped (counted, reason busy) while more InferenceService RPCs
+    than this are in flight: shadow work is the first thing shed under load."""
 
     llm_config: Path | None = None
     """LiteLLM model_list YAML; unset means the built-in offline route."""

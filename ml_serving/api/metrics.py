@@ -13,12 +13,18 @@ from prometheus_client.registry import Collector
 from ml_serving.api.rpc import METHOD_TYPES, SERVICE, Gate
 from ml_serving.experiments.runtime import Experiments
 from ml_serving.scoring.registry import ModelHolder
+from ml_serving.scoring.shadow import Comparison, ShadowScorer
 
 logger = logging.getLogger(__name__)
 
 # Score answers in well under a millisecond; Generate takes seconds: one set of buckets covers both.
 _RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _LLM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Shadow model comparisons: the top-5 overlap moves in steps of 1/5; tau spans [-1, 1] but a
+# useful shadow sits near 1; scores are probabilities, so their mean |delta| is at most 1.
+_OVERLAP_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+_TAU_BUCKETS = (-0.5, 0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+_DELTA_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class _LiveState(Collector):
@@ -126,6 +132,50 @@ class _ExperimentState(Collector):
             lines.add_metric(["written"], experiments.decisions.lines)
             lines.add_metric(["lost"], experiments.decisions.write_errors)
             yield lines
+
+
+class _ShadowModelState(Collector):
+    """Score's shadow model version, read at scrape time: version, comparisons, skips, polls."""
+
+    def __init__(self, shadow: ShadowScorer) -> None:
+        self._shadow = shadow
+
+    def collect(self) -> Iterator[Any]:
+        shadow = self._shadow
+        info = GaugeMetricFamily(
+            "mlserving_shadow_model_info",
+            "The model version shadowing Score (value is always 1; none while none is named).",
+            labels=["name", "version"],
+        )
+        model = shadow.model
+        if model is not None:
+            info.add_metric([model.name, model.version], 1)
+        yield info
+        comparisons = CounterMetricFamily(
+            "mlserving_shadow_model_comparisons",
+            "Score calls re-scored by the shadow model version and compared, by its version.",
+            labels=["version"],
+        )
+        for version, count in list(shadow.comparisons.items()):
+            comparisons.add_metric([version], count)
+        yield comparisons
+        skipped = CounterMetricFamily(
+            "mlserving_shadow_model_skipped",
+            "Sampled Score calls not compared, by reason: same_version, busy (more RPCs in "
+            "flight than the limit), queued (a comparison already waiting), error.",
+            labels=["reason"],
+        )
+        for reason, count in list(shadow.skipped.items()):
+            skipped.add_metric([reason.value], count)
+        yield skipped
+        polls = CounterMetricFamily(
+            "mlserving_shadow_model_poll_failures",
+            "Failed polls of the shadow pointer, by reason: unavailable or refused.",
+            labels=["reason"],
+        )
+        for kind in ("unavailable", "refused"):
+            polls.add_metric([kind], shadow.poll_failures[kind])
+        yield polls
 
 
 class Metrics:
@@ -255,6 +305,50 @@ class Metrics:
     def watch_experiments(self, experiments: Experiments) -> None:
         """Expose the prompt experiment's state (read at scrape time)."""
         self.registry.register(_ExperimentState(experiments))
+
+    def watch_shadow(self, shadow: ShadowScorer) -> None:
+        """Expose Score's shadow model version: counters read at scrape time, histograms fed by
+        every comparison (this object becomes the shadow's observer)."""
+        self.shadow_overlap = Histogram(
+            "mlserving_shadow_model_top_k_overlap",
+            "Share of the served top k (k = min(5, candidates)) also in the shadow's top k.",
+            ["version"],
+            buckets=_OVERLAP_BUCKETS,
+            registry=self.registry,
+        )
+        self.shadow_tau = Histogram(
+            "mlserving_shadow_model_kendall_tau",
+            "Kendall tau-b of the served and the shadow ranking (over a fixed sample of 200 "
+            "candidates above 200; undefined ones, e.g. one candidate, not observed).",
+            ["version"],
+            buckets=_TAU_BUCKETS,
+            registry=self.registry,
+        )
+        self.shadow_delta = Histogram(
+            "mlserving_shadow_model_mean_abs_delta",
+            "Mean |served score - shadow score| over a compared call's candidates.",
+            ["version"],
+            buckets=_DELTA_BUCKETS,
+            registry=self.registry,
+        )
+        self._shadow_children: dict[str, tuple[Any, Any, Any]] = {}
+        self.registry.register(_ShadowModelState(shadow))
+        shadow.observer = self
+
+    def shadow_compared(self, version: str, comparison: Comparison) -> None:
+        """Observe one shadow comparison (the ShadowScorer's observer)."""
+        children = self._shadow_children.get(version)
+        if children is None:
+            children = self._shadow_children[version] = (
+                self.shadow_overlap.labels(version),
+                self.shadow_tau.labels(version),
+                self.shadow_delta.labels(version),
+            )
+        overlap, tau, delta = children
+        overlap.observe(comparison.top_k_overlap)
+        if comparison.kendall_tau is not None:
+            tau.observe(comparison.kendall_tau)
+        delta.observe(comparison.mean_abs_delta)
 
     def close(self) -> None:
         """Stop the /metrics endpoint, if serving."""

@@ -22,6 +22,7 @@ from ml_serving.generation.service import Generator
 from ml_serving.scoring import mlflow_registry
 from ml_serving.scoring.model import max_request_bytes
 from ml_serving.scoring.registry import ModelHolder, ModelRegistry
+from ml_serving.scoring.shadow import ShadowScorer, pointer_for
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class App:
     """Why start-up failed after listening began (e.g. a bad LLM config); None when fine."""
     experiments: Experiments | None = None
     """The prompt experiment's selector, decision log and shadow runner."""
+    shadow: ShadowScorer | None = None
+    """Score's shadow model version; None when ML_SERVING_SCORE_SHADOW_SHARE is 0."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -166,6 +169,15 @@ async def start(settings: Settings) -> App:
     )
     metrics = Metrics(gate, models)
     metrics.watch_experiments(experiments)
+    shadow: ShadowScorer | None = None
+    if settings.score_shadow_share > 0:
+        shadow = ShadowScorer(
+            pointer_for(models.registry),
+            models.name,
+            share=settings.score_shadow_share,
+            max_in_flight_rpcs=settings.score_shadow_max_in_flight_rpcs,
+        )
+        metrics.watch_shadow(shadow)
     generator.observer = metrics
     server = grpc.aio.server(options=grpc_options(settings))
     score_bound = rpc.TooLarge(
@@ -173,7 +185,7 @@ async def start(settings: Settings) -> App:
         f"a Score request of at most {settings.max_candidates} candidates",
     )
     rpc.add_service(
-        InferenceServicer(settings, gate, models, prompts, generator),
+        InferenceServicer(settings, gate, models, prompts, generator, shadow),
         server,
         size_bounds={"Score": score_bound},
     )
@@ -188,6 +200,7 @@ async def start(settings: Settings) -> App:
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     app = App(settings, server, port, health_servicer, gate, models, prompts, generator, metrics)
     app.experiments = experiments
+    app.shadow = shadow
     if settings.metrics_port:
         app.metrics_port = metrics.serve(settings.host, settings.metrics_port)
     app._tasks.append(asyncio.create_task(_warm_up(app), name="llm-warm-up"))
@@ -197,6 +210,9 @@ async def start(settings: Settings) -> App:
     app._tasks.append(
         asyncio.create_task(experiments.watch(settings.experiments_poll_s), name="snapshot-watch")
     )
+    if shadow is not None:
+        shadow_watch = shadow.watch(settings.model_poll_s, settings.model_poll_max_backoff_s)
+        app._tasks.append(asyncio.create_task(shadow_watch, name="shadow-model-watch"))
     logger.info(
         "listening",
         extra={

@@ -22,6 +22,7 @@ from ml_serving.generation.service import GenerationRequest, GenerationResult, G
 from ml_serving.observability import logs, tracing
 from ml_serving.scoring.model import refuse_too_many_candidates, score, score_columnar
 from ml_serving.scoring.registry import ModelHolder
+from ml_serving.scoring.shadow import ShadowScorer
 
 _EXPERIENCE = {
     generation_pb2.EXPERIENCE_LEVEL_UNSPECIFIED: "",
@@ -58,8 +59,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         models: ModelHolder,
         prompts: PromptRegistry,
         generator: Generator,
+        shadow: ShadowScorer | None = None,
     ) -> None:
         self.gate = gate
+        self.shadow = shadow
         self._settings = settings
         self._models = models
         self._prompts = prompts
@@ -117,6 +120,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     max_candidates=max_candidates,
                 )
         logs.annotate(model=f"{result.model_name}:{result.model_version}", candidates=n)
+        shadow = self.shadow
+        if shadow is not None:  # off: this check only; on: a draw, the work after the answer
+            shadow.offer(result, self.gate.in_flight)
         response = pb.ScoreResponse(
             model_name=result.model_name, model_version=result.model_version
         )

@@ -466,13 +466,26 @@ def _cmd_list(registry: ModelRegistry, names: Sequence[str]) -> int:
     return 0
 
 
+def _cmd_shadow(registry: ModelRegistry, name: str, version: str | None) -> int:
+    from ml_serving.scoring import shadow  # it imports this module: only when the command runs
+
+    if version is None:
+        cleared = shadow.clear_shadow(registry, name)
+        print(f"{name}: shadow cleared" if cleared else f"{name}: no shadow was set")
+        return 0
+    shadow.set_shadow(registry, name, version)
+    print(f"{name} version {version} shadows the promoted one")
+    return 0
+
+
 ENVIRONMENT_ERROR_EXIT: Final = 2
 """The CLI's exit code when registry files cannot be read or written (1: a refused version)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``list`` versions (``*`` marks the promoted one) or ``promote`` one; exit 1 when the
-    registry refuses (unknown or invalid version), 2 when its files cannot be read or written."""
+    """CLI: ``list`` versions (``*`` marks the promoted one), ``promote`` one, or set or clear
+    the ``shadow`` (``SHADOW``); exit 1 when the registry refuses (unknown or invalid version),
+    2 when its files cannot be read or written."""
     parser = argparse.ArgumentParser(
         prog="python -m ml_serving.scoring.registry", description=__doc__
     )
@@ -485,11 +498,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_prom.add_argument("--name", required=True)
     p_prom.add_argument("--version", required=True)
     p_prom.add_argument("--note", default="", help="recorded in the card's rollout history")
+    p_shadow = sub.add_parser("shadow", help="validate a version and name it in SHADOW, or clear")
+    p_shadow.add_argument("--root", type=Path, default=Path("models"))
+    p_shadow.add_argument("--name", required=True)
+    which = p_shadow.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", help="the version Score's shadow compares with the served")
+    which.add_argument("--clear", action="store_true", help="remove SHADOW: no shadow")
     args = parser.parse_args(argv)
     registry = ModelRegistry(args.root)
     try:
         if args.command == "list":
             return _cmd_list(registry, [args.name] if args.name else registry.model_names())
+        if args.command == "shadow":
+            return _cmd_shadow(registry, args.name, args.version)
         registry.promote(args.name, args.version, note=args.note)
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ import collections
 import enum
 import functools
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -175,14 +176,18 @@ def kendall_tau(a: Float64Array, b: Float64Array) -> float | None:
     """Kendall tau-b of ``a`` and ``b`` over all pairs (n x n, vectorised); None if undefined."""
     if len(a) < 2:
         return None
-    # Every pair twice (i, j and j, i) and the diagonal as zeros: the factor 2 cancels.
-    sa = np.sign(a[:, None] - a[None, :])
-    sb = np.sign(b[:, None] - b[None, :])
-    untied_a = np.count_nonzero(sa)
-    untied_b = np.count_nonzero(sb)
+    # Boolean n x n "i above j" tables: over ordered pairs, the concordant ones are above in
+    # both, the discordant ones above in a and below in b (b's table transposed); a pair tied
+    # in either is in neither count, as tau-b wants. Comparisons, not np.sign: 5x less CPU.
+    above_a = np.greater.outer(a, a)
+    above_b = np.greater.outer(b, b)
+    untied_a = np.count_nonzero(above_a)
+    untied_b = np.count_nonzero(above_b)
     if untied_a == 0 or untied_b == 0:
         return None
-    tau = float(np.einsum("ij,ij->", sa, sb)) / float(np.sqrt(float(untied_a) * untied_b))
+    concordant = np.count_nonzero(above_a & above_b)
+    discordant = np.count_nonzero(above_a & above_b.T)
+    tau = (concordant - discordant) / math.sqrt(untied_a * untied_b)
     return min(1.0, max(-1.0, tau))
 
 
@@ -199,14 +204,16 @@ def compare(served: Float64Array, shadow: Float64Array) -> Comparison:
     if n == 0 or shadow.shape != served.shape:
         raise ValueError(f"cannot compare {served.shape} served with {shadow.shape} shadow scores")
     k = min(TOP_K, n)
-    overlap = np.intersect1d(_top(served, k), _top(shadow, k), assume_unique=True).size / k
+    in_top = np.zeros(n, dtype=np.bool_)
+    in_top[_top(served, k)] = True
+    overlap = np.count_nonzero(in_top[_top(shadow, k)]) / k
     sampled = n > TAU_MAX_CANDIDATES
     if sampled:
         picked = _tau_sample(n)
         tau = kendall_tau(served[picked], shadow[picked])
     else:
         tau = kendall_tau(served, shadow)
-    delta = float(np.mean(np.abs(served - shadow)))
+    delta = float(np.abs(served - shadow).sum()) / n
     return Comparison(n, k, overlap, tau, sampled, delta)
 
 
