@@ -43,4 +43,3 @@ async def test_streams_nobody_reads_give_their_slots_back(start_server: StartSer
     finally:
         for stream in streams:
             stream.close()
-

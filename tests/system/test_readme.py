@@ -132,8 +132,9 @@ def _check_example_output(out: str) -> None:
     score_line, tip_line = out.splitlines()
     assert score_line.startswith("tips-ranker 1 [('tip-1', "), score_line
     assert "('tip-2', " in score_line
-    version, fallback, text = tip_line.split(" ", 2)
-    assert (version, fallback) == ("v2-mentor", "False")
+    version, decision_id, propensity, fallback, text = tip_line.split(" ", 4)
+    assert (version, propensity, fallback) == ("v2-mentor", "1.0", "False")
+    assert len(decision_id) == 32
     assert text.strip()
 
 
