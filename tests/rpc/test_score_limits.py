@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 
@@ -48,7 +50,7 @@ async def test_millions_of_empty_candidates_are_refused_unparsed(
     """~2.1 M empty candidates fit in the 4 MiB message limit; building them took seconds of
     the loop and 1.4 GB that stayed. Now the raw size alone refuses the request."""
     raw = EMPTY_CANDIDATE * ((app.settings.max_receive_message_bytes - 64) // 2)
-    call = channel.unary_unary(f"/{server.SERVICE_NAME}/Score")
+    call: Any = channel.unary_unary(f"/{server.SERVICE_NAME}/Score")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call(raw, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -70,7 +72,7 @@ async def test_too_many_small_candidates_are_counted_before_they_are_read(
     del head.candidates[:]
     n = app.settings.max_candidates + 1
     raw = head.SerializeToString() + EMPTY_CANDIDATE * n
-    call = channel.unary_unary(f"/{server.SERVICE_NAME}/Score")
+    call: Any = channel.unary_unary(f"/{server.SERVICE_NAME}/Score")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call(raw, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -80,7 +82,7 @@ async def test_too_many_small_candidates_are_counted_before_they_are_read(
     head.candidate_feature_names.append("no_such_feature")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call(head.SerializeToString() + EMPTY_CANDIDATE * n, timeout=30)
-    assert caught.value.details().startswith("candidate_feature_names")
+    assert str(caught.value.details()).startswith("candidate_feature_names")
 
 
 async def test_an_over_long_candidate_id_is_refused(
@@ -91,5 +93,6 @@ async def test_an_over_long_candidate_id_is_refused(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Score(request, timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert caught.value.details().startswith("candidates[1].id: ")
-    assert f"longer than {model.MAX_CANDIDATE_ID_CHARS} characters" in caught.value.details()
+    details = str(caught.value.details())
+    assert details.startswith("candidates[1].id: ")
+    assert f"longer than {model.MAX_CANDIDATE_ID_CHARS} characters" in details
