@@ -371,3 +371,17 @@ async def test_an_abandoned_stream_closes_its_upstream_request_at_once(
     async with asyncio.timeout(5):
         while not (fake.cancelled == 1 and fake.in_progress == 0):
             await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("model", "api_base"),
+    [("openai/gpt-4o-mini", "http://127.0.0.1:9/v1"), ("anthropic/claude-x", "http://127.0.0.1:9")],
+)
+async def test_warm_up_runs_the_provider_path_without_network(model: str, api_base: str) -> None:
+    llm = llm_module()
+    route = {"model": model, "api_base": api_base, "api_key": "sk-warm"}
+    gw = made(
+        llm.LLMGateway(llm.RouteConfig(({"model_name": "r", "litellm_params": route},), {}), "r")
+    )
+    assert gw.path_of("r") == ["provider"]
+    await gw.warm_up()  # nothing listens on port 9: a request would fail

@@ -1,1 +1,1 @@
-"""The only package that imports litellm: route config, the gateway, the offline provider."""
+"""The only package that imports litellm: provider path, pooled client, retries, cooldowns."""

@@ -224,15 +224,13 @@ class LLMGateway:
 
     async def warm_up(self) -> None:
         """Exercise the call paths once without network, so the first real request does not
-        pay for lazy imports: each provider route builds a request, and acompletion (the
+        pay for lazy imports (nor leave their objects to the GC, see tuning.freeze_import_heap):
+        each provider route builds, parses and streams a canned exchange, and acompletion (the
         offline route, and any route on LiteLLM's own path) answers a mock response."""
         started = time.perf_counter()
-        messages = [{"role": "user", "content": "warm-up"}]
         for deployment in self.deployments():
-            route = deployment.route
-            if isinstance(route, ProviderRoute):
-                for stream in (False, True):
-                    route.prepare(messages, max_tokens=16, temperature=None, stream=stream)
+            if isinstance(deployment.route, ProviderRoute):
+                await deployment.route.warm()
         first = next(
             (d.route for d in self.deployments() if isinstance(d.route, AcompletionRoute)), None
         )
@@ -422,6 +420,10 @@ class LLMGateway:
             raise route.connection_error(exc) from exc
         if response.status >= 300:
             raise route.status_error(response.status, response.headers, content)
+        # Answers that arrive together (a closed loop of callers stays in step) would otherwise
+        # be parsed back to back while a Score call that arrived meanwhile waits behind them
+        # all: one turn of the loop between reading and parsing lets it in.
+        await asyncio.sleep(0)
         return route.parse(prepared, response.status, response.headers, content)
 
     async def _open_stream(self, deployment: _Deployment, call: _Call, timeout: float) -> _Stream:

@@ -256,6 +256,21 @@ class ProviderRoute:
             optional_params=optional,
         )
 
+    async def warm(self) -> None:
+        """Build, parse and stream one canned exchange in this provider's format, without
+        network: LiteLLM imports and builds much of its parsing path lazily, on first use."""
+        messages = [{"role": "user", "content": "warm-up"}]
+        for stream in (False, True):
+            prepared = self.prepare(messages, max_tokens=16, temperature=None, stream=stream)
+            answer, events = _CANNED_ANTHROPIC if self.provider in _ANTHROPIC else _CANNED_OPENAI
+            if not stream:
+                headers = {"content-type": "application/json"}
+                self.parse(prepared, 200, headers, json.dumps(answer).encode())
+                continue
+            text = "".join(f"data: {json.dumps(event)}\n\n" for event in events)
+            async for _ in self.chunks(prepared, _once(text)):
+                pass
+
     # --- answers -----------------------------------------------------------------------------
 
     def parse(
@@ -411,6 +426,58 @@ class ProviderRoute:
             raise self.mid_stream_error(self.connection_error(exc)) from exc
         except Exception as exc:
             raise self.mid_stream_error(exc) from exc
+
+
+_CANNED_OPENAI: tuple[dict[str, Any], tuple[dict[str, Any], ...]] = (
+    {
+        "id": "warm",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "warm",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    },
+    (
+        {
+            "id": "warm",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "warm",
+            "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}],
+        },
+        {"id": "warm", "object": "chat.completion.chunk", "created": 0, "model": "warm",
+         "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}},
+    ),
+)  # fmt: skip
+_CANNED_ANTHROPIC: tuple[dict[str, Any], tuple[dict[str, Any], ...]] = (
+    {
+        "id": "warm",
+        "type": "message",
+        "role": "assistant",
+        "model": "warm",
+        "content": [{"type": "text", "text": "ok"}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 1, "output_tokens": 1},
+    },
+    (
+        {"type": "message_start", "message": {"id": "warm", "type": "message",
+         "role": "assistant", "model": "warm", "content": [],
+         "usage": {"input_tokens": 1, "output_tokens": 1}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "ok"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+         "usage": {"output_tokens": 1}},
+        {"type": "message_stop"},
+    ),
+)  # fmt: skip
+"""One answer and one stream in each family's format, for ProviderRoute.warm."""
+
+
+async def _once(text: str) -> AsyncIterator[str]:
+    yield text
 
 
 @dataclass(frozen=True)
