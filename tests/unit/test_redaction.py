@@ -309,3 +309,25 @@ def test_a_traceback_through_our_code_is_kept_in_full(tmp_path: Path) -> None:
     )
     assert logs.ThirdPartyFloodFilter(clock=Clock()).filter(record)
     assert record.exc_info is exc_info
+
+
+def test_an_access_line_field_with_a_secret_is_redacted_in_the_formatted_line() -> None:
+    """The formatter's fast path for FieldsLogger records must print the redacted fields."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    handler.addFilter(logs.RedactingFilter(["s3cret-token-value"]))
+    logger = logging.getLogger("tests.redaction.access")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        access = logs.FieldsLogger(logger)
+        access.log("rpc Score OK", {"method": "Score", "note": "Bearer s3cret-token-value"})
+        access.log("rpc Score OK", {"method": "Score", "candidates": 20})
+    finally:
+        logger.removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert "s3cret" not in stream.getvalue()
+    assert first["note"] == "Bearer <redacted>" and first["method"] == "Score"
+    assert second["candidates"] == 20 and second["method"] == "Score"
