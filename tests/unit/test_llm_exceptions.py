@@ -28,7 +28,7 @@ def llm_errors() -> Any:
     return llm_errors
 
 
-def make(kind: type[BaseException], status: int = 500) -> BaseException:
+def make(kind: Any, status: int = 500) -> Any:
     """An instance of a LiteLLM exception class (their constructors differ)."""
     e = llm_errors()
     if kind is e.MidStreamFallbackError:
