@@ -44,12 +44,12 @@ def make(kind: Any, status: int = 500) -> Any:
     if kind in (table().NoRouteAvailable, TimeoutError):
         return kind("m")
     try:
-        return kind(message="m", llm_provider="openai", model="m")  # type: ignore[call-arg]
+        return kind(message="m", llm_provider="openai", model="m")
     except TypeError:  # some also need the provider's response
         import httpx
 
         response = httpx.Response(status, request=httpx.Request("POST", "http://upstream/"))
-        return kind(message="m", llm_provider="openai", model="m", response=response)  # type: ignore[call-arg]
+        return kind(message="m", llm_provider="openai", model="m", response=response)
 
 
 # Each row's canonical HTTP status, for the rules LiteLLM states by status.
