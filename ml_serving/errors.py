@@ -86,6 +86,11 @@ class UpstreamUnavailable(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class UpstreamTimedOut(UpstreamUnavailable):
+    """An LLM route did not answer within its own timeout, on every try: an upstream failure
+    (the fallback tip covers it), not the caller's deadline."""
+
+
 class Draining(ServingError):
     """The server is shutting down and takes no new calls; another replica should."""
 

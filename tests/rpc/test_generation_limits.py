@@ -72,3 +72,32 @@ async def test_a_call_without_a_deadline_is_bounded_by_the_server(
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
         upstream.delay_s = delay
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+async def test_a_route_that_times_out_is_an_upstream_failure(
+    start_server: StartServer, upstream: FakeOpenAI, tmp_path: Path, fallback: bool
+) -> None:
+    """A hung upstream with no client deadline: 3 tries x 10 s, then DEADLINE_EXCEEDED "did not
+    answer within the call's deadline" and no fallback tip. A route's own timeout is the
+    upstream failing: the fallback tip when it is on, else UNAVAILABLE saying so."""
+    config = write_llm_config(tmp_path / "llm.yaml", upstream, ["slow"], num_retries=1)
+    text = config.read_text().replace("timeout: 10", "timeout: 1")
+    config.write_text(text)
+    app = await start_server(llm_config=config, llm_fallback=fallback)
+    delay, upstream.delay_s = upstream.delay_s, 5.0
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            if fallback:
+                reply = await stub.Generate(generate_request())
+                assert reply.fallback and reply.text
+                return
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Generate(generate_request())
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert caught.value.details() == (
+            "the LLM route did not answer within its timeout; retry later"
+        )
+    finally:
+        upstream.delay_s = delay

@@ -116,7 +116,7 @@ def test_retryable_is_litellms_should_retry_and_cooldown_the_routers_rule() -> N
         ("PaymentRequiredError", 402, grpc.StatusCode.RESOURCE_EXHAUSTED),
         ("NotFoundError", 404, grpc.StatusCode.FAILED_PRECONDITION),
         ("RateLimitError", 429, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        ("Timeout", 408, grpc.StatusCode.DEADLINE_EXCEEDED),
+        ("Timeout", 408, grpc.StatusCode.UNAVAILABLE),  # a try's own timeout: upstream failure
         ("APIConnectionError", 500, grpc.StatusCode.UNAVAILABLE),
         ("MidStreamFallbackError", 503, grpc.StatusCode.UNAVAILABLE),
         ("InternalServerError", 500, grpc.StatusCode.UNAVAILABLE),

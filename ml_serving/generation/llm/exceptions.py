@@ -64,6 +64,13 @@ def _deadline() -> errors.ServingError:
     return errors.DeadlineExceeded("the LLM did not answer within the call's deadline")
 
 
+def _route_timeout() -> errors.ServingError:
+    # A try's own timeout (the route's `timeout`, else router_settings.timeout) on every try:
+    # the caller's deadline is our asyncio.timeout (TimeoutError), which fires first when it
+    # is the tighter bound (the per-try timeout is rounded up to whole seconds).
+    return errors.UpstreamTimedOut("the LLM route did not answer within its timeout; retry later")
+
+
 def _unavailable() -> errors.ServingError:
     return errors.UpstreamUnavailable("the LLM provider is unavailable; retry later")
 
@@ -95,7 +102,7 @@ TABLE: tuple[tuple[type[BaseException], Outcome], ...] = (
     (llm_errors.PermissionDeniedError, Outcome(_creds, False, "", False)),  # 403
     (llm_errors.NotFoundError, Outcome(_missing_model, False, "", True)),  # 404
     (llm_errors.RateLimitError, Outcome(_rate_limited, True, "", True)),  # 429
-    (llm_errors.Timeout, Outcome(_deadline, True, "", True)),  # 408
+    (llm_errors.Timeout, Outcome(_route_timeout, True, "", True)),  # 408, a try's own timeout
     (llm_errors.APIConnectionError, Outcome(_unavailable, True, "", False)),
     (llm_errors.ServiceUnavailableError, Outcome(_unavailable, True, "", True)),  # 503, mid-stream
     (llm_errors.InternalServerError, Outcome(_unavailable, True, "", True)),  # 500, refused
@@ -112,7 +119,7 @@ _BY_STATUS: dict[int, Outcome] = {
     401: Outcome(_creds, False, "", True),
     403: Outcome(_creds, False, "", False),
     404: Outcome(_missing_model, False, "", True),
-    408: Outcome(_deadline, True, "", True),
+    408: Outcome(_route_timeout, True, "", True),
     409: Outcome(_unavailable, True, "", False),
     429: Outcome(_rate_limited, True, "", True),
 }
