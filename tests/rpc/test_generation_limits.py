@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import generate_latest
 
 from ml_serving._proto.mlserving.v1 import generation_pb2
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
@@ -101,3 +102,23 @@ async def test_a_route_that_times_out_is_an_upstream_failure(
         )
     finally:
         upstream.delay_s = delay
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+async def test_an_oversized_upstream_answer_is_an_upstream_failure(
+    start_server: StartServer, upstream: FakeOpenAI, tmp_path: Path, method: str
+) -> None:
+    """A 50 MB answer was read whole, then refused by gRPC's send limit (RESOURCE_EXHAUSTED
+    "Sent message larger than max") while the access log and metrics said OK."""
+    config = write_llm_config(tmp_path / "llm.yaml", upstream, ["huge"])
+    app = await start_server(llm_config=config, llm_fallback=False)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            if method == "Generate":
+                await stub.Generate(generate_request(), timeout=60)
+            else:
+                await collect(stub.GenerateStream(generate_stream_request(), timeout=60))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    text = generate_latest(app.metrics.registry).decode()
+    assert f'grpc_method="{method}"' in text and 'grpc_code="UNAVAILABLE"' in text

@@ -3,9 +3,9 @@
 The requested model name picks the behaviour, so one server covers every fault:
 ``ok`` (JSON or SSE), ``status-500``, ``status-429``, ``status-400``, ``slow`` (waits
 ``delay_s`` before answering), ``broken-stream`` (drops the connection half way),
-``malformed`` (invalid JSON body / SSE data), ``endless`` (ignores max_tokens: 200,000 tokens,
-streamed until the client closes). Streams send varied tokens, with
-``ttft_s`` before the first and ``token_delay_s`` between the others.
+``malformed`` (invalid JSON body / SSE data), ``huge`` (a 20 MiB answer), ``endless``
+(ignores max_tokens: 200,000 tokens, streamed until the client closes). Streams send varied
+tokens, with ``ttft_s`` before the first and ``token_delay_s`` between the others.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ WORDS = (
 ).split(" ")
 
 
+HUGE_CHARS = 20 * 1024 * 1024
+"""The one token of the ``huge`` model (20 MiB), streamed or not."""
 ENDLESS_TOKENS = 200_000
 """How much the ``endless`` model says, whatever max_tokens asked for (about 1.2 MB of text)."""
 
@@ -107,6 +109,10 @@ class FakeOpenAI:
         max_tokens = int(body.get("max_tokens") or self.tokens)
         words = [WORDS[i % len(WORDS)] for i in range(min(self.tokens, max_tokens))]
         finish = "length" if max_tokens < self.tokens else "stop"
+        if model == "huge":
+            # A 200 answer far past any sane size, in one token: a broken or hostile upstream.
+            words = ["x" * HUGE_CHARS]
+            finish = "stop"
         if model == "endless":
             # Ignores max_tokens: a long answer, or a stream that goes on until it is closed.
             words = [WORDS[i % len(WORDS)] for i in range(ENDLESS_TOKENS)]

@@ -20,6 +20,15 @@ import httpx
 CLIENTS = ("aiohttp", "httpx")
 """The values of ML_SERVING_LLM_HTTP_CLIENT."""
 
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+"""Most bytes read of one upstream answer, a stream's included: an answer of max_tokens (1024 at
+most by default) is a few hundred KB even as SSE. A 50 MB body was read whole, then refused by
+gRPC's send limit while our logs said OK; past this the answer is an upstream failure."""
+
+
+def _too_large(read: int) -> TransportError:
+    return TransportError(f"the answer is larger than {MAX_ANSWER_BYTES} bytes ({read} read)")
+
 
 class TransportError(Exception):
     """The request could not be sent or its answer not read (refused, reset, cut short)."""
@@ -93,20 +102,40 @@ class _AiohttpResponse:
         self.headers: Mapping[str, str] = response.headers
 
     async def read(self) -> bytes:
+        response = self._response
+        whole = False
         try:
-            return await self._response.read()
+            length = response.content_length
+            if length is not None and length > MAX_ANSWER_BYTES:
+                raise _too_large(0)
+            chunks: list[bytes] = []
+            read = 0
+            async for data in response.content.iter_any():
+                read += len(data)
+                if read > MAX_ANSWER_BYTES:
+                    raise _too_large(read)
+                chunks.append(data)
+            whole = True
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         except aiohttp.ClientError as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
         finally:
-            self._response.release()
+            if whole:
+                response.release()
+            else:
+                response.close()  # half read: the connection cannot go back to the pool
 
     async def text_chunks(self) -> AsyncIterator[str]:
         content = self._response.content
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        read = 0
         try:
             # readany returns whatever has arrived (several SSE events at once when the loop
             # was busy), so one pass handles them all.
             while data := await content.readany():
+                read += len(data)
+                if read > MAX_ANSWER_BYTES:
+                    raise _too_large(read)
                 if text := decoder.decode(data):
                     yield text
         except aiohttp.ClientError as exc:
@@ -170,8 +199,15 @@ class _HttpxResponse:
         self.headers: Mapping[str, str] = response.headers
 
     async def read(self) -> bytes:
+        chunks: list[bytes] = []
+        read = 0
         try:
-            return await self._response.aread()
+            async for data in self._response.aiter_bytes():
+                read += len(data)
+                if read > MAX_ANSWER_BYTES:
+                    raise _too_large(read)
+                chunks.append(data)
+            return b"".join(chunks)
         except httpx.TransportError as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
         finally:
@@ -181,8 +217,12 @@ class _HttpxResponse:
         return _decoded(self._chunks())
 
     async def _chunks(self) -> AsyncIterator[bytes]:
+        read = 0
         try:
             async for data in self._response.aiter_bytes():
+                read += len(data)
+                if read > MAX_ANSWER_BYTES:
+                    raise _too_large(read)
                 yield data
         except httpx.TransportError as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
