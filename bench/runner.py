@@ -196,6 +196,11 @@ def compare(row: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
         "p50_ratio": _ratio(lat.get("p50"), base_lat.get("p50")),
         "p99_ratio": _ratio(lat.get("p99"), base_lat.get("p99")),
     }
+    if row.get("server_cpu_s") and base.get("server_cpu_s") and row["calls"] and base["calls"]:
+        # Server CPU per call (all threads, from /proc), against the baseline's per call.
+        out["cpu_per_call_ratio"] = _ratio(
+            row["server_cpu_s"] / row["calls"], base["server_cpu_s"] / base["calls"]
+        )
     if base["target"] == "direct":
         for p in ("p50", "p99"):
             if p in lat and p in base_lat:
