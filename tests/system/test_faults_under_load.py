@@ -23,6 +23,7 @@ from aiohttp import web
 
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
+from ml_serving.generation.llm import transport
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.requests import generate_request, generate_stream_request, score_request
 from tests.support.server_process import ServerProcess
@@ -66,7 +67,15 @@ class HeldUpstream(FakeOpenAI):
             # write() waits while the transport is full: backpressure reaches us here.
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.sent += 1
-        await response.write(b"data: [DONE]\n\n")
+        # A stream that ends without a finish_reason is a broken one (LiteLLM's rule).
+        last = {
+            "id": "chatcmpl-firehose",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "firehose",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        }
+        await response.write(f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode())
         return response
 
 
@@ -146,17 +155,26 @@ async def test_over_the_limit_calls_are_shed_at_once_and_admitted_ones_complete(
 
 
 async def test_a_client_that_stops_reading_does_not_stall_other_calls(
-    start_server: StartServer, tmp_path: Path
+    start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     upstream = await _held_upstream()
     upstream.release.set()
     total = upstream.firehose_chunks
+    # 39 MB in all, so that half of it is far more than every window and socket buffer between
+    # the upstream and the reader: past the server's bound on one upstream answer (16 MiB).
+    monkeypatch.setattr(transport, "MAX_ANSWER_BYTES", 2 * total * upstream.chunk_chars)
     try:
         config = write_llm_config(tmp_path / "llm.yaml", upstream, ["firehose"])
         # Each firehose delta is 64 KiB: allow a reply far longer than the server's default cap
         # (max_tokens x 16 characters), so the stream runs until flow control holds it.
         tokens = 4 * total * upstream.chunk_chars
-        app = await start_server(llm_config=config, llm_fallback=False, llm_max_tokens_limit=tokens)
+        # One message per chunk (no coalescing): the reader below counts them.
+        app = await start_server(
+            llm_config=config,
+            llm_fallback=False,
+            llm_max_tokens_limit=tokens,
+            llm_stream_coalesce_ms=0,
+        )
         request = generate_stream_request()
         request.limits.max_tokens = tokens
         address = f"127.0.0.1:{app.port}"
