@@ -171,9 +171,12 @@ def _client(conn: Connection, role: str, target: str, spec: CallSpec, arg: float
 # --- the orchestrator ----------------------------------------------------------------------------
 
 
-def measure(plan: Plan, target: str, server: procs.Proc, log: Any = print) -> dict[str, Any]:
-    """Alternate Score alone / Score with saturating Generate, `plan.rounds` times."""
-    configs = ghz_configs()
+def measure(
+    plan: Plan, target: str, server: procs.Proc, log: Any = print, ghz_dir: Path | None = None
+) -> dict[str, Any]:
+    """Alternate Score alone / Score with saturating Generate, `plan.rounds` times (requests
+    from `ghz_dir`'s configs, default bench/ghz)."""
+    configs = ghz_configs(ghz_dir) if ghz_dir is not None else ghz_configs()
     score = configs["score"].spec()
     stem = "generate_stream" if plan.generate_method == "GenerateStream" else "generate"
     generate = configs[stem].spec()

@@ -420,10 +420,6 @@ class LLMGateway:
             raise route.connection_error(exc) from exc
         if response.status >= 300:
             raise route.status_error(response.status, response.headers, content)
-        # Answers that arrive together (a closed loop of callers stays in step) would otherwise
-        # be parsed back to back while a Score call that arrived meanwhile waits behind them
-        # all: one turn of the loop between reading and parsing lets it in.
-        await asyncio.sleep(0)
         return route.parse(prepared, response.status, response.headers, content)
 
     async def _open_stream(self, deployment: _Deployment, call: _Call, timeout: float) -> _Stream:
