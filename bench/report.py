@@ -424,8 +424,9 @@ def render_markdown(results: dict[str, Any], verdicts: list[Verdict] | None) -> 
     ]
     if up:
         lines.append(
-            "- **Generate baseline**: the fake OpenAI upstream (`tests/support/fake_openai.py`, own "
-            f"process): TTFT {up['ttft_s'] * 1e3:.0f} ms, {up['token_delay_s'] * 1e3:.0f} ms "
+            "- **Generate baseline**: the fake OpenAI upstream "
+            f"(`tests/support/fake_openai.py`, own process): TTFT {up['ttft_s'] * 1e3:.0f} ms, "
+            f"{up['token_delay_s'] * 1e3:.0f} ms "
             f"between tokens, {up['tokens']} tokens; a unary answer waits the whole generation. "
             "The server reaches it through LiteLLM (one route, no retries, fallback off); the "
             "direct baseline is an aiohttp client calling it with the same concurrency. "
