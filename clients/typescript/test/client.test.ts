@@ -77,6 +77,8 @@ const fake: InferenceServiceServer = {
       usage: undefined,
       finishReason: 1,
       fallback: false,
+      decisionId: "d1",
+      assignment: undefined,
     });
   },
   generateStream(call: ServerWritableStream<GenerateStreamRequest, GenerateStreamResponse>) {
@@ -96,6 +98,8 @@ const fake: InferenceServiceServer = {
           usage: { promptTokens: 1, completionTokens: 3, totalTokens: 4 },
           finishReason: 1,
           fallback: false,
+          decisionId: "d1",
+          assignment: undefined,
         },
       },
     });
