@@ -313,6 +313,42 @@ MAX_POLL_BACKOFF_S: Final = 30.0
 """Longest wait between polls while the registry is unreachable (doubling from the interval)."""
 
 
+class PollHealth:
+    """A registry poller's memory between polls: failures by reason (for metrics), the last
+    failure (to warn once per distinct one), and the backoff while the registry is unreachable.
+    Shared by the served model's holder and the shadow model's poller."""
+
+    def __init__(self) -> None:
+        self.failures: collections.Counter[str] = collections.Counter()
+        self._last: tuple[str | None, str] | None = None
+        self._unavailable_streak = 0
+
+    def ok(self) -> bool:
+        """A poll that worked; True when it ends a run of failures (worth a log line)."""
+        recovered = self._last is not None
+        self._last = None
+        self._unavailable_streak = 0
+        return recovered
+
+    def failed(self, version: str | None, reason: str, *, unavailable: bool) -> int:
+        """Count a failed poll; the log level to report it at (WARNING once per distinct
+        failure, DEBUG while it repeats)."""
+        self._unavailable_streak = self._unavailable_streak + 1 if unavailable else 0
+        self.failures["unavailable" if unavailable else "refused"] += 1
+        level = logging.DEBUG if self._last == (version, reason) else logging.WARNING
+        self._last = (version, reason)
+        return level
+
+    def next_delay(self, interval_s: float, max_backoff_s: float = MAX_POLL_BACKOFF_S) -> float:
+        """Seconds to the next poll: the interval, doubled per poll the registry was unreachable
+        (up to ``max_backoff_s``, with jitter so that many replicas do not retry in step)."""
+        if not self._unavailable_streak:
+            return interval_s
+        cap = max(interval_s, max_backoff_s)
+        backoff = min(cap, interval_s * 2.0 ** min(self._unavailable_streak, 16))
+        return backoff * random.uniform(0.8, 1.0)
+
+
 class ModelHolder:
     """The model that serves ``name`` now, swapped without a restart when the promoted version
     changes.
@@ -339,9 +375,9 @@ class ModelHolder:
         )
         self._poll_first = lazy
         self._on_swap = on_swap
-        self._last_failure: tuple[str | None, str] | None = None
-        self._unavailable_streak = 0
-        self.poll_failures: collections.Counter[str] = collections.Counter()
+        self._poll = PollHealth()
+        self.poll_failures = self._poll.failures
+        self.next_delay = self._poll.next_delay
         """Failed polls by reason: ``unavailable`` (registry unreachable) or ``refused``."""
         self._loaded = asyncio.Event()
         if self._model is not None:
@@ -382,14 +418,10 @@ class ModelHolder:
             started = time.perf_counter()
             model = self.registry.load(self.name, version)
         except RegistryUnavailable as exc:
-            self._unavailable_streak += 1
-            self.poll_failures["unavailable"] += 1
-            self._warn(version, f"registry unreachable: {exc}")
+            self._warn(version, f"registry unreachable: {exc}", unavailable=True)
             return False
         except Exception as exc:  # whatever breaks, the old model keeps serving
-            self._unavailable_streak = 0
-            self.poll_failures["refused"] += 1
-            self._warn(version, f"{type(exc).__name__}: {exc}")
+            self._warn(version, f"{type(exc).__name__}: {exc}", unavailable=False)
             return False
         previous = self._model.version if self._model is not None else None
         self._model = model
@@ -406,32 +438,19 @@ class ModelHolder:
         return True
 
     def _ok(self) -> None:
-        if self._last_failure is not None:
+        if self._poll.ok():
             logger.info("model %s: registry polling recovered", self.name)
-        self._last_failure = None
-        self._unavailable_streak = 0
 
-    def _warn(self, version: str | None, reason: str) -> None:
+    def _warn(self, version: str | None, reason: str, *, unavailable: bool) -> None:
         # Polling repeats the same failure every interval: warn once per distinct failure.
-        level = logging.DEBUG if self._last_failure == (version, reason) else logging.WARNING
-        self._last_failure = (version, reason)
         logger.log(
-            level,
+            self._poll.failed(version, reason, unavailable=unavailable),
             "model %s: cannot switch to version %s, still serving version %s: %s",
             self.name,
             version if version is not None else "(unresolved)",
             self._model.version if self._model is not None else "(none)",
             reason,
         )
-
-    def next_delay(self, interval_s: float, max_backoff_s: float = MAX_POLL_BACKOFF_S) -> float:
-        """Seconds to the next poll: the interval, doubled per poll the registry was unreachable
-        (up to ``max_backoff_s``, with jitter so that many replicas do not retry in step)."""
-        if not self._unavailable_streak:
-            return interval_s
-        cap = max(interval_s, max_backoff_s)
-        backoff = min(cap, interval_s * 2.0 ** min(self._unavailable_streak, 16))
-        return backoff * random.uniform(0.8, 1.0)
 
     async def watch(self, interval_s: float, max_backoff_s: float = MAX_POLL_BACKOFF_S) -> None:
         """Poll ``refresh`` until cancelled (its I/O in a thread): every ``interval_s`` seconds,

@@ -25,6 +25,7 @@ from ml_serving.scoring.registry import (
     MAX_POLL_BACKOFF_S,
     ModelRegistry,
     ModelSource,
+    PollHealth,
     RegistryError,
     RegistryUnavailable,
     _atomic_write_bytes,
@@ -267,14 +268,14 @@ class ShadowScorer:
         self._random = rng
         self._model: Model | None = None
         self._queued = 0
-        self._last_failure: tuple[str | None, str] | None = None
-        self._unavailable_streak = 0
+        self._poll = PollHealth()
+        self.next_delay = self._poll.next_delay
         self._warned: set[str] = set()
         self.comparisons: collections.Counter[str] = collections.Counter()
         """Comparisons made, by shadow version."""
         self.skipped: dict[SkipReason, int] = dict.fromkeys(SkipReason, 0)
         """Sampled calls not compared, by reason."""
-        self.poll_failures: collections.Counter[str] = collections.Counter()
+        self.poll_failures = self._poll.failures
         """Failed polls of the pointer: ``unavailable`` (registry unreachable) or ``refused``."""
         self.last: Comparison | None = None
         """The latest comparison (logs, tests)."""
@@ -359,14 +360,10 @@ class ShadowScorer:
             started = time.perf_counter()
             model = self.source.load(self.name, version)
         except RegistryUnavailable as exc:
-            self._unavailable_streak += 1
-            self.poll_failures["unavailable"] += 1
-            self._warn_poll(version, f"registry unreachable: {exc}")
+            self._warn_poll(version, f"registry unreachable: {exc}", unavailable=True)
             return False
         except Exception as exc:  # a refused version never shadows, nor does the one before it
-            self._unavailable_streak = 0
-            self.poll_failures["refused"] += 1
-            self._warn_poll(version, f"{type(exc).__name__}: {exc}")
+            self._warn_poll(version, f"{type(exc).__name__}: {exc}", unavailable=False)
             changed = self._model is not None
             self._model = None
             return changed
@@ -383,30 +380,17 @@ class ShadowScorer:
         return True
 
     def _ok(self) -> None:
-        if self._last_failure is not None:
+        if self._poll.ok():
             logger.info("model %s: shadow pointer polling recovered", self.name)
-        self._last_failure = None
-        self._unavailable_streak = 0
 
-    def _warn_poll(self, version: str | None, reason: str) -> None:
-        level = logging.DEBUG if self._last_failure == (version, reason) else logging.WARNING
-        self._last_failure = (version, reason)
+    def _warn_poll(self, version: str | None, reason: str, *, unavailable: bool) -> None:
         logger.log(
-            level,
+            self._poll.failed(version, reason, unavailable=unavailable),
             "model %s: cannot shadow with version %s: %s",
             self.name,
             version if version is not None else "(unresolved)",
             reason,
         )
-
-    def next_delay(self, interval_s: float, max_backoff_s: float = MAX_POLL_BACKOFF_S) -> float:
-        """Seconds to the next poll: ``interval_s``, doubled per poll the registry was
-        unreachable (up to ``max_backoff_s``, jittered)."""
-        if not self._unavailable_streak:
-            return interval_s
-        cap = max(interval_s, max_backoff_s)
-        backoff = min(cap, interval_s * 2.0 ** min(self._unavailable_streak, 16))
-        return backoff * random.uniform(0.8, 1.0)
 
     async def watch(self, interval_s: float, max_backoff_s: float = MAX_POLL_BACKOFF_S) -> None:
         """Poll ``refresh`` (in a thread) until cancelled: once at once, then every
