@@ -25,7 +25,7 @@ VERSION ?=
 PROTO_SRC := $(wildcard protos/mlserving/v1/*.proto)
 PROTO_OUT := ml_serving/_proto
 
-.PHONY: help install install-runtime proto proto-ts check-gen lint breaking test test-py test-ts \
+.PHONY: help install system-deps install-runtime proto proto-ts check-gen lint breaking test test-py test-ts \
 	run train promote models lock bench bench-check bench-smoke stress soak docker ci clean
 
 help: ## list the targets
@@ -61,7 +61,18 @@ $(TS_STAMP): $(TS_CLIENT)/package.json $(TS_CLIENT)/package-lock.json
 	cd $(TS_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-install: $(DEV_STAMP) $(NODE_STAMP) $(TS_STAMP) ## the dev venv (requirements-dev.lock) and node_modules
+# Real servers the tests start on loopback, from Debian's packages: redis-server (the online
+# feature store's production backend) and prometheus (promtool and a real Prometheus for the
+# rules). Installed only when missing, so a machine that has them runs no apt-get.
+SYSTEM_TOOLS := redis-server promtool prometheus
+system-deps: ## Debian's redis-server and prometheus, when missing (apt-get, as root)
+	missing=; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    redis-server prometheus >/dev/null; \
+	fi
+
+install: $(DEV_STAMP) $(NODE_STAMP) $(TS_STAMP) system-deps ## the dev venv (requirements-dev.lock), node_modules, redis and prometheus
 install-runtime: $(RUN_STAMP) ## the runtime venv only (requirements.lock): what `make run` needs
 
 # requirements.lock: runtime with the mlflow extra (make run, the image); requirements-dev.lock:
@@ -102,7 +113,7 @@ breaking: $(NODE_STAMP) ## buf breaking against the main branch (skipped before 
 
 test: test-py test-ts ## run the whole suite: pytest, then the Node contract tests on a live server
 
-test-py: $(DEV_STAMP) ## pytest: unit, rpc and system tests
+test-py: $(DEV_STAMP) system-deps ## pytest: unit, rpc and system tests
 	$(BIN)/pytest -q
 
 test-ts: $(DEV_STAMP) $(TS_STAMP) ## tsc --strict and node --test against a real server
