@@ -256,13 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     upstream, up_port = procs.start_upstream(args.ttft, args.token_delay, work / "iso-up.log", work)
     server = None
     try:
-        from bench.runner import UPSTREAM_KEY, write_llm_config
-
-        config = write_llm_config(work / "iso-llm.yaml", up_port)
+        config = procs.write_llm_config(work / "iso-llm.yaml", up_port)
         env = {
             "ML_SERVING_LLM_CONFIG": str(config),
             "ML_SERVING_LLM_FALLBACK": "false",
-            "BENCH_UPSTREAM_KEY": UPSTREAM_KEY,
+            "BENCH_UPSTREAM_KEY": procs.UPSTREAM_KEY,
             **dict(item.split("=", 1) for item in args.server_env),
         }
         server, port = procs.start_server(env, work / "iso-server.log", work)

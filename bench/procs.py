@@ -1,5 +1,5 @@
 """The processes the bench starts: our server (`python -m ml_serving`), the echo server and the
-fake LLM upstream; each on loopback, each watched for memory and CPU through /proc."""
+fake LLM upstream (with the LiteLLM route to it); each on loopback, watched through /proc."""
 
 from __future__ import annotations
 
@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import IO, Any
 
 import grpc
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.scenarios import REPO
 from ml_serving.api.rpc import SERVICE
 
 SERVICE_NAME = SERVICE
+UPSTREAM_KEY = "sk-bench-not-a-secret"
+"""The fake upstream's API key: our server sends it from BENCH_UPSTREAM_KEY, as from a real key."""
+LLM_ALIAS = "bench-upstream"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -286,6 +290,27 @@ def start_upstream(ttft_s: float, token_delay_s: float, log: Path, cwd: Path) ->
     ]
     proc = Proc("upstream", argv, clean_env(), log, cwd)
     return proc, proc.read_port()
+
+
+def write_llm_config(path: Path, upstream_port: int) -> Path:
+    """A LiteLLM model_list with one route to the fake upstream (model "ok" = normal answers)."""
+    config = {
+        "model_list": [
+            {
+                "model_name": LLM_ALIAS,
+                "litellm_params": {
+                    "model": "openai/ok",
+                    "api_base": f"http://127.0.0.1:{upstream_port}/v1",
+                    "api_key": "os.environ/BENCH_UPSTREAM_KEY",
+                    "timeout": 60,
+                },
+            }
+        ],
+        # No retries and no cooldowns: an upstream failure must show up as an error here.
+        "router_settings": {"num_retries": 0, "disable_cooldowns": True},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def upstream_stats(proc: Proc, reset: bool = False) -> dict[str, Any]:

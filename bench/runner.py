@@ -15,9 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from bench import procs
+from bench import isolation, procs
 from bench.echo import server_uvloop_default
 from bench.loadgen import (
     ClientPool,
@@ -29,10 +27,9 @@ from bench.loadgen import (
     concat_results,
     summarize,
 )
+from bench.procs import UPSTREAM_KEY, write_llm_config
 from bench.scenarios import BENCH_DIR, GhzConfig, Scenario, ghz_configs
 
-UPSTREAM_KEY = "sk-bench-not-a-secret"
-LLM_ALIAS = "bench-upstream"
 LLM_SCENARIO_METHODS = ("Generate", "GenerateStream")
 
 
@@ -93,27 +90,6 @@ def machine() -> dict[str, Any]:
         "aiohttp": _version("aiohttp"),
         "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
     }
-
-
-def write_llm_config(path: Path, upstream_port: int) -> Path:
-    """A LiteLLM model_list with one route to the fake upstream (model "ok" = normal answers)."""
-    config = {
-        "model_list": [
-            {
-                "model_name": LLM_ALIAS,
-                "litellm_params": {
-                    "model": "openai/ok",
-                    "api_base": f"http://127.0.0.1:{upstream_port}/v1",
-                    "api_key": "os.environ/BENCH_UPSTREAM_KEY",
-                    "timeout": 60,
-                },
-            }
-        ],
-        # No retries and no cooldowns: an upstream failure must show up as an error here.
-        "router_settings": {"num_retries": 0, "disable_cooldowns": True},
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def direct_body(config: GhzConfig, stream: bool) -> dict[str, Any]:
@@ -488,8 +464,6 @@ class Bench:
     def _run_isolation(self, scenario: Scenario) -> None:
         """Score open loop at scenario.score_rate, alone and beside the Generate source closed
         loop at concurrencies[0], alternating (bench/isolation.py); one row with both sides."""
-        from bench import isolation
-
         assert self.server is not None and scenario.score_rate is not None
         generate_stem = scenario.sources[-1][0]
         plan = isolation.Plan(

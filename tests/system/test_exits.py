@@ -173,8 +173,8 @@ _NO_WRITES = (
     "import resource, runpy, signal, sys; "
     "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
     "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)); "
-    "sys.argv[0] = 'registry'; "
-    "runpy.run_module('ml_serving.scoring.registry', run_name='__main__')"
+    "sys.argv[0] = 'scoring'; "
+    "runpy.run_module('ml_serving.scoring', run_name='__main__')"
 )
 
 
@@ -182,7 +182,7 @@ def _promote(
     root: Path, name: str, version: str, *, no_writes: bool = False
 ) -> subprocess.CompletedProcess[str]:
     python = [sys.executable, "-c", _NO_WRITES] if no_writes else [sys.executable, "-m"]
-    module = [] if no_writes else ["ml_serving.scoring.registry"]
+    module = [] if no_writes else ["ml_serving.scoring"]
     return subprocess.run(
         [*python, *module, "promote", "--root", str(root), "--name", name, "--version", version],
         cwd=REPO,
@@ -215,3 +215,17 @@ def test_promote_with_a_directory_for_promoted_is_one_line_naming_it_and_exit_2(
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert str(promoted) in done.stderr
+
+
+def test_the_old_registry_command_says_where_the_command_went() -> None:
+    # `python -m ml_serving.scoring.registry` was the CLI before it moved (an import circle):
+    # an old script that runs it fails loudly instead of exiting 0 having done nothing.
+    done = subprocess.run(
+        [sys.executable, "-m", "ml_serving.scoring.registry", "list"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "run `python -m ml_serving.scoring` (list, promote, shadow)" in done.stderr

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ml_serving.scoring import cli as registry_cli
 from ml_serving.scoring import features
 from ml_serving.scoring import model as scoring
 from ml_serving.scoring import registry as model_registry
@@ -291,10 +292,10 @@ async def test_watch_swaps_in_the_background(registry: ModelRegistry) -> None:
 def test_cli_promote_and_list(registry: ModelRegistry, capsys: pytest.CaptureFixture[str]) -> None:
     add_shifted_version(registry, "2")
     root = str(registry.root)
-    assert model_registry.main(["promote", "--root", root, "--name", NAME, "--version", "2"]) == 0
+    assert registry_cli.main(["promote", "--root", root, "--name", NAME, "--version", "2"]) == 0
     assert registry.promoted_version(NAME) == "2"
     assert "promoted tips-ranker version 2" in capsys.readouterr().out
-    assert model_registry.main(["list", "--root", root]) == 0
+    assert registry_cli.main(["list", "--root", root]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("  tips-ranker 1  logistic_regression_with_crosses  auc=")
     assert lines[1].startswith("* tips-ranker 2  ")
@@ -306,10 +307,10 @@ def test_cli_refuses_a_broken_version(
     add_shifted_version(registry, "2")
     _corrupt_weights_bytes(registry, "2")
     root = str(registry.root)
-    assert model_registry.main(["promote", "--root", root, "--name", NAME, "--version", "2"]) == 1
+    assert registry_cli.main(["promote", "--root", root, "--name", NAME, "--version", "2"]) == 1
     assert "error: model 'tips-ranker' version '2'" in capsys.readouterr().err
     assert registry.promoted_version(NAME) == "1"
-    assert model_registry.main(["list", "--root", root, "--name", NAME]) == 0
+    assert registry_cli.main(["list", "--root", root, "--name", NAME]) == 0
     assert "* tips-ranker 1" in capsys.readouterr().out
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ml_serving.scoring import cli as registry_cli
 from ml_serving.scoring import registry as model_registry
 from ml_serving.scoring import shadow
 from ml_serving.scoring.model import Model, ScoreResult, score
@@ -211,12 +212,12 @@ def test_cli_shadow_sets_and_clears(
     registry: ModelRegistry, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = str(registry.root)
-    assert model_registry.main(["shadow", "--root", root, "--name", NAME, "--version", "2"]) == 0
+    assert registry_cli.main(["shadow", "--root", root, "--name", NAME, "--version", "2"]) == 0
     assert FileShadowPointer(registry).shadow_version(NAME) == "2"
     assert "version 2 shadows" in capsys.readouterr().out
-    assert model_registry.main(["shadow", "--root", root, "--name", NAME, "--version", "9"]) == 1
+    assert registry_cli.main(["shadow", "--root", root, "--name", NAME, "--version", "9"]) == 1
     assert "no version '9'" in capsys.readouterr().err
-    assert model_registry.main(["shadow", "--root", root, "--name", NAME, "--clear"]) == 0
+    assert registry_cli.main(["shadow", "--root", root, "--name", NAME, "--clear"]) == 0
     assert FileShadowPointer(registry).shadow_version(NAME) is None
     assert "cleared" in capsys.readouterr().out
 
