@@ -19,18 +19,23 @@ Where lines go: with a path, appended to that file, one ``write(2)`` per line on
 opened with ``O_APPEND`` (line at a time, nothing buffered to lose, no fsync; concurrent
 writers append whole lines; ``reopen()`` after a rotation renamed the file; a record, JSON
 encoding included, measured 7-23 us on a loaded 2-core machine). Without a path, to the logger
-``ml_serving.decisions`` at INFO, the line itself as the message (it survives any formatter).
-The shadow's text, a completion, goes to the logger only when it is enabled for DEBUG
-(completions are logged at DEBUG only); the file always has it. A failed write is counted
-(``write_errors``) and logged, never raised into the call.
+``ml_serving.decisions`` at INFO as a record whose fields are the line's: the JSON log format
+puts them at the top level of the log line (``{"ts": ..., "level": "INFO", "logger":
+"ml_serving.decisions", "msg": "decision", "decision_id": ..., "version": ...}``, the record's
+own ``ts`` and ``request_id``), so a log shipper parses each line once; the text format appends
+them as one JSON object after the message. The shadow's text, a completion, goes to the logger
+only when it is enabled for DEBUG (completions are logged at DEBUG only); the file always has
+it. A failed write is counted (``write_errors``) and logged, never raised into the call.
 
 Reading (``read_decisions``) takes files of raw lines or of log output: a JSON log line whose
-``logger`` is ``ml_serving.decisions`` (its ``msg`` parsed), a text log line (parsed from its
-first ``{``), or a raw line; anything else is skipped. Each ``decision_id`` counts once (the
-first primary line). ``build_snapshot`` joins a rewards CSV (``decision_id,reward``, header
-optional) to the decisions of one experiment chosen by it (``how`` "experiment"): each such
-decision is one trial of its version, a success when its reward is positive; a decision without
-a reward row is a trial without success; reward rows that match no decision are reported.
+``logger`` is ``ml_serving.decisions`` (its top-level fields; a line from before they moved
+there, its ``msg`` parsed), a text log line (parsed from its first ``{``), or a raw line;
+anything else is skipped. Each ``decision_id`` counts once (the first primary line).
+``build_snapshot`` joins rewards (``RewardRead``: a CSV of ``decision_id,reward``, header
+optional, or rows from anywhere through ``add``) to the decisions of one experiment chosen by it
+(``how`` "experiment"): each such decision is one trial of its version, a success when its
+reward is positive; a decision without a reward row is a trial without success; reward rows
+that match no decision are reported.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from typing import Any, Final, Protocol
 
 from ml_serving.experiments.assignment import Assignment, HowChosen
 from ml_serving.experiments.bandit import Arm, Snapshot
+from ml_serving.observability.logs import TEXT_FIELDS_ATTR
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +229,12 @@ class DecisionLog:
                 return
             if with_text and "text" in line and not decisions_logger.isEnabledFor(logging.DEBUG):
                 line = {k: v for k, v in line.items() if k != "text"}
-            decisions_logger.info(_ENCODER.encode(line))
+            # The fields ride on the record, so the JSON formatter puts them at the top level of
+            # the log line (not a JSON string inside msg that every shipper must parse again).
+            decisions_logger.info(
+                "shadow decision" if line["shadow"] else "decision",
+                extra={**line, TEXT_FIELDS_ATTR: True},
+            )
             self.lines += 1
             return
         data = (_ENCODER.encode(line) + "\n").encode("utf-8")
@@ -277,11 +288,14 @@ def _line_object(line: str) -> dict[str, Any] | None:
         return None
     if not isinstance(obj, dict):
         return None
-    if "logger" in obj and "decision_id" not in obj:
-        # A JSON log line: only the decisions logger's, whose message is the decision line.
-        if obj.get("logger") != DECISIONS_LOGGER or not isinstance(obj.get("msg"), str):
+    if "logger" in obj:
+        # A JSON log line: only the decisions logger's, whose fields are the decision line's.
+        if obj.get("logger") != DECISIONS_LOGGER:
             return None
-        return _line_object(obj["msg"])
+        if "decision_id" in obj:
+            return obj
+        # Written before the fields moved to the top level: the line was the message.
+        return _line_object(obj["msg"]) if isinstance(obj.get("msg"), str) else None
     return obj if "decision_id" in obj else None
 
 
@@ -337,12 +351,31 @@ def read_decisions(paths: Iterable[str | os.PathLike[str]]) -> DecisionRead:
 
 @dataclass
 class RewardRead:
-    """Rewards by decision id from CSV files."""
+    """Rewards by decision id (from CSV files, a SQL table, any rows given to ``add``)."""
 
     rewards: dict[str, float] = field(default_factory=dict)
     """The highest reward given to each decision id."""
     duplicates: int = 0
     """Rows for a decision id already seen (the highest reward counts)."""
+
+    def add(self, decision_id: object, reward: object, where: str) -> None:
+        """One reward row; ValueError naming ``where`` (file and line, table and row) when its
+        decision id is empty or its reward is not a finite number."""
+        did = str(decision_id).strip() if decision_id is not None else ""
+        if not did:
+            raise ValueError(f"{where}: expected decision_id,reward")
+        if isinstance(reward, bool) or not isinstance(reward, str | int | float):
+            raise ValueError(f"{where}: reward {reward!r} is not a number")
+        try:
+            value = float(reward)
+        except ValueError:
+            raise ValueError(f"{where}: reward {reward!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: reward {reward!r} is not finite")
+        if did in self.rewards:
+            self.duplicates += 1
+            value = max(value, self.rewards[did])
+        self.rewards[did] = value
 
 
 def read_rewards(paths: Iterable[str | os.PathLike[str]]) -> RewardRead:
@@ -359,21 +392,9 @@ def read_rewards(paths: Iterable[str | os.PathLike[str]]) -> RewardRead:
                     "reward",
                 ]:
                     continue
-                if len(row) < 2 or not row[0].strip():
+                if len(row) < 2:
                     raise ValueError(f"{path}:{number}: expected decision_id,reward")
-                did = row[0].strip()
-                try:
-                    reward = float(row[1])
-                except ValueError:
-                    raise ValueError(
-                        f"{path}:{number}: reward {row[1]!r} is not a number"
-                    ) from None
-                if not math.isfinite(reward):
-                    raise ValueError(f"{path}:{number}: reward {row[1]!r} is not finite")
-                if did in read.rewards:
-                    read.duplicates += 1
-                    reward = max(reward, read.rewards[did])
-                read.rewards[did] = reward
+                read.add(row[0], row[1], f"{path}:{number}")
     return read
 
 

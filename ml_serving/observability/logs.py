@@ -31,6 +31,11 @@ def annotate(**fields: Any) -> None:
         current.update(fields)
 
 
+TEXT_FIELDS_ATTR = "_text_fields"
+"""A record whose extra fields are its content (a decision record) sets this attribute true:
+the text format then appends the fields as one JSON object after the message (the JSON format
+writes every record's fields at the top level of its line anyway)."""
+
 # Attributes every LogRecord has; anything else was passed through `extra=` and is logged too.
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 # One encoder for every line: json.dumps(default=...) would build a new one per call.
@@ -65,6 +70,26 @@ class JsonFormatter(logging.Formatter):
         elif record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
         return _ENCODER.encode(payload)
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message``, plus the fields as JSON for records that set
+    ``TEXT_FIELDS_ATTR`` (so a text log keeps what a decision record says)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if not getattr(record, TEXT_FIELDS_ATTR, False):
+            return text
+        fields = {
+            key: value
+            for key, value in record.__dict__.items()
+            if key not in _STANDARD_ATTRS and key[0] != "_"
+        }
+        head, newline, rest = text.partition("\n")  # a traceback stays after the fields
+        return f"{head} {_ENCODER.encode(fields)}{newline}{rest}"
 
 
 class FieldsLogger:
@@ -478,7 +503,7 @@ def configure(level: str, json_lines: bool, secrets: Iterable[str] = ()) -> None
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import logging
 import re
@@ -20,7 +21,7 @@ from ml_serving.experiments.decisions import (
     read_decisions,
     read_rewards,
 )
-from ml_serving.observability.logs import JsonFormatter
+from ml_serving.observability.logs import JsonFormatter, RedactingFilter, TextFormatter
 
 KEY = b"decision-log-test-key"
 NAME = "tip-prompts"
@@ -140,8 +141,15 @@ def test_without_a_path_lines_go_to_the_decisions_logger(
         log.record_shadow(
             "a" * 32, experiment=NAME, version="v3", outcome="ran", seconds=0.5, result=Result()
         )
-    primary, shadow = (json.loads(r.getMessage()) for r in caplog.records)
+    # The record's fields are the line's fields; its message only says what it is.
+    assert [r.getMessage() for r in caplog.records] == ["decision", "shadow decision"]
+    primary, shadow = (vars(r) for r in caplog.records)
     assert primary["decision_id"] == shadow["decision_id"] == "a" * 32
+    assert (primary["version"], primary["propensity"], primary["shadow"]) == (
+        "v2-mentor",
+        0.25,
+        False,
+    )
     # A completion reaches the ordinary log only at DEBUG.
     assert "text" not in shadow and shadow["usage"] == {"prompt_tokens": 11, "completion_tokens": 7}
     caplog.clear()
@@ -149,7 +157,78 @@ def test_without_a_path_lines_go_to_the_decisions_logger(
         log.record_shadow(
             "a" * 32, experiment=NAME, version="v3", outcome="ran", seconds=0.5, result=Result()
         )
-    assert json.loads(caplog.records[0].getMessage())["text"] == "Drink a glass of water."
+    assert vars(caplog.records[0])["text"] == "Drink a glass of water."
+
+
+def test_a_json_log_line_carries_the_decision_at_its_top_level(tmp_path: Path) -> None:
+    # Through the formatter and filters the server installs (logs.configure): one parse of the
+    # log line gives every field of the decision, with no JSON string inside msg.
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(JsonFormatter())
+    decisions_logger = logging.getLogger(DECISIONS_LOGGER)
+    decisions_logger.addHandler(handler)
+    old_level = decisions_logger.level
+    decisions_logger.setLevel(logging.INFO)
+    try:
+        log = DecisionLog(None, KEY)
+        record(log, assignment("a" * 32))
+        log.record_shadow(
+            "a" * 32, experiment=NAME, version="v3", outcome="ran", seconds=0.5, result=Result()
+        )
+    finally:
+        decisions_logger.removeHandler(handler)
+        decisions_logger.setLevel(old_level)
+    raw = tmp_path / "raw.jsonl"
+    file_log = DecisionLog(raw, KEY)
+    record(file_log, assignment("a" * 32))
+    file_log.close()
+    primary, shadow = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert (primary["logger"], primary["level"], primary["msg"]) == (
+        DECISIONS_LOGGER,
+        "INFO",
+        "decision",
+    )
+    # Every field of the file's line, with the same values (its own ts and request id).
+    expected = json.loads(raw.read_text())
+    assert {k: primary[k] for k in expected if k != "ts"} == {
+        k: v for k, v in expected.items() if k != "ts"
+    }
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", primary["ts"])
+    assert shadow["msg"] == "shadow decision" and shadow["usage"]["completion_tokens"] == 7
+    log_file = tmp_path / "server.log"
+    log_file.write_text(stream.getvalue())
+    read = read_decisions([log_file])
+    assert list(read.decisions) == ["a" * 32] and read.shadow_lines == 1
+    assert read.decisions["a" * 32].propensity == 0.25
+
+
+def test_a_text_log_line_carries_the_decision_after_the_message() -> None:
+    log = DecisionLog(None, KEY)
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, r: logging.LogRecord) -> None:
+            records.append(r)
+
+    keep = Keep()
+    decisions_logger = logging.getLogger(DECISIONS_LOGGER)
+    decisions_logger.addHandler(keep)
+    old_level = decisions_logger.level
+    decisions_logger.setLevel(logging.INFO)
+    try:
+        record(log, assignment("b" * 32))
+    finally:
+        decisions_logger.removeHandler(keep)
+        decisions_logger.setLevel(old_level)
+    text = TextFormatter().format(records[0])
+    head, _, fields = text.partition(" {")
+    assert head.endswith("INFO ml_serving.decisions: decision")
+    assert json.loads("{" + fields)["decision_id"] == "b" * 32
+    # Other records' text lines are unchanged.
+    other = logging.makeLogRecord({"name": "x", "msg": "m", "levelno": 20, "levelname": "INFO"})
+    assert TextFormatter().format(other).endswith("INFO x: m")
 
 
 def test_a_shadow_line_in_the_file(tmp_path: Path) -> None:
@@ -185,7 +264,8 @@ def test_read_decisions_takes_raw_json_log_and_text_log_lines(tmp_path: Path) ->
     record(log, assignment("1" * 32))  # the same decision twice (a retried shipment)
     log.record_shadow("1" * 32, experiment=NAME, version="v3", outcome="ran", seconds=0)
     log.close()
-    # The same kind of line through the JSON formatter, beside other loggers' lines.
+    # The line as the message of a JSON log line (how the logger wrote it before its fields
+    # moved to the top level), beside other loggers' lines.
     line = raw.read_text().splitlines()[0].replace("1" * 32, "2" * 32)
     formatter = JsonFormatter()
     json_log = tmp_path / "server.log"
