@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     """The pooled HTTP client ("aiohttp" or "httpx") the provider path sends LLM requests on:
     one per process, sized from max_concurrent_rpcs; httpx measured at about 2.5x aiohttp's CPU
     per call and 2-2.5x per streamed chunk (scripts/llm_overhead.py)."""
+    llm_answer_budget_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    """Bytes of upstream answers the process holds at once, all calls together (each answer is
+    also bounded by its own max_tokens); past it a call's answer is not read: UNAVAILABLE or
+    the fallback tip, counted as mlserving_llm_errors_total{reason="answer_budget"}."""
     llm_keepalive_s: float = Field(default=30.0, gt=0)
     """How long an idle upstream connection stays pooled for reuse."""
     llm_acompletion_routes: str = ""

@@ -91,6 +91,14 @@ class UpstreamTimedOut(UpstreamUnavailable):
     (the fallback tip covers it), not the caller's deadline."""
 
 
+class AnswerBudgetSpent(UpstreamUnavailable):
+    """The upstream answers held at once reached ML_SERVING_LLM_ANSWER_BUDGET_BYTES: this
+    call's answer is not read (the fallback tip covers it), nor the route blamed for it."""
+
+    reason = "answer_budget"
+    """The `reason` label of mlserving_llm_errors_total for this failure."""
+
+
 class Draining(ServingError):
     """The server is shutting down and takes no new calls; another replica should."""
 

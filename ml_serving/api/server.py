@@ -269,6 +269,7 @@ async def _warm_up(app: App) -> None:
             ],
             stream_coalesce_s=settings.llm_stream_coalesce_ms / 1000,
             on_cooldown=app.metrics.llm_cooldown,
+            answer_budget_bytes=settings.llm_answer_budget_bytes,
         )
         await gateway.warm_up()
     except Exception as exc:

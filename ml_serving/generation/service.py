@@ -131,6 +131,7 @@ class Generator:
                     temperature=request.temperature,
                     timeout_s=timeout_s,
                     offline_text=compose_offline_tip(template, context),
+                    max_chars=max_tokens * MAX_CHARS_PER_TOKEN,
                 )
                 call.done(completion)
         except _FALLBACK_COVERS as exc:
@@ -173,6 +174,7 @@ class Generator:
             temperature=request.temperature,
             timeout_s=timeout_s,
             offline_text=compose_offline_tip(template, context),
+            max_chars=room,
         )
         try:
             # aclosing: if our consumer goes away, the upstream stream closes now, not at GC.
@@ -259,6 +261,7 @@ class Generator:
             temperature=temperature,
             timeout_s=None,
             offline_text=compose_offline_tip(template, primary.context),
+            max_chars=primary.max_tokens * MAX_CHARS_PER_TOKEN,
         )
         return GenerationResult(
             completion, template.version, template.content_hash, False, primary.assignment
@@ -315,7 +318,10 @@ class _LLMCall:
         if self._observer is None or isinstance(exc, GeneratorExit):
             return
         if exc is not None:
-            reason = exc.code.name.lower() if isinstance(exc, errors.ServingError) else "cancelled"
+            reason = "cancelled"
+            if isinstance(exc, errors.ServingError):
+                # A failure of our own making says which (the answer budget), not only its code.
+                reason = getattr(exc, "reason", None) or exc.code.name.lower()
             self._observer.llm_call(self._model, seconds, error=reason)
         elif self._completion is not None:
             self._observer.llm_call(

@@ -40,17 +40,62 @@ async def test_a_stream_that_ignores_max_tokens_is_cut_with_finish_length(
     assert upstream.cancelled > cancelled or upstream.completed
 
 
-async def test_a_unary_answer_that_ignores_max_tokens_is_cut(
+async def test_a_unary_answer_past_its_request_bound_is_refused_while_it_is_read(
     start_server: StartServer, upstream: FakeOpenAI, tmp_path: Path
 ) -> None:
-    config = write_llm_config(tmp_path / "llm.yaml", upstream, ["endless"])
+    """A JSON answer can only be used whole: one longer than max_tokens can carry (x 16
+    characters, JSON-escaped, plus its envelope) was read whole and then cut; now it is an
+    upstream failure while it is read (here the fallback tip), the connection closed early."""
+    config = write_llm_config(tmp_path / "llm.yaml", upstream, ["flood"])
     app = await start_server(llm_config=config)
     request = generate_request()
     request.limits.max_tokens = 30
+    cancelled = upstream.cancelled
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
         reply = await pb_grpc.InferenceServiceStub(channel).Generate(request, timeout=30)
-    assert len(reply.text) == 30 * MAX_CHARS_PER_TOKEN
-    assert reply.finish_reason == generation_pb2.FINISH_REASON_LENGTH
+    assert reply.fallback and reply.text
+    # Every try hung up on the upstream long before its 50 MB were sent.
+    async with asyncio.timeout(10):
+        while upstream.in_progress:
+            await asyncio.sleep(0.05)
+    assert upstream.cancelled > cancelled
+    assert app.generator.gateway is not None
+    assert app.generator.gateway.answer_budget.held == 0
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+async def test_the_answer_budget_bounds_what_every_upstream_holds_at_once(
+    start_server: StartServer, upstream: FakeOpenAI, tmp_path: Path, method: str
+) -> None:
+    """64 answers of 50 MB took the server from 240 MB to 1.22 GB (16 MiB each, no bound on
+    the sum). With a 1 MiB budget, a stream of 1024 tokens (its own bound is 1.3 MB) spends
+    the budget alone: the fallback tip, counted by reason, and every byte given back."""
+    config = write_llm_config(tmp_path / "llm.yaml", upstream, ["flood"])
+    app = await start_server(llm_config=config, llm_answer_budget_bytes=1024 * 1024)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        if method == "Generate":
+            request = generate_request()
+            request.limits.max_tokens = 1024
+            # Its own bound (262 KB) is below the budget: refused as too large, not by budget.
+            assert (await stub.Generate(request, timeout=30)).fallback
+        else:
+            stream_request = generate_stream_request()
+            stream_request.limits.max_tokens = 1024
+            text, end = await collect(stub.GenerateStream(stream_request, timeout=30))
+            assert end.fallback and text
+    gateway = app.generator.gateway
+    assert gateway is not None
+    assert gateway.answer_budget.held == 0
+    assert gateway.answer_budget.peak <= 1024 * 1024
+    metrics = generate_latest(app.metrics.registry).decode()
+    budget_line = 'mlserving_llm_errors_total{model="openai/flood",reason="answer_budget"} 1.0'
+    if method == "GenerateStream":
+        assert gateway.answer_budget.refused == 1
+        assert budget_line in metrics
+    else:
+        assert gateway.answer_budget.refused == 0
+        assert 'reason="unavailable"' in metrics
 
 
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream"])

@@ -4,8 +4,10 @@ The requested model name picks the behaviour, so one server covers every fault:
 ``ok`` (JSON or SSE), ``status-500``, ``status-429``, ``status-400``, ``slow`` (waits
 ``delay_s`` before answering), ``broken-stream`` (drops the connection half way),
 ``malformed`` (invalid JSON body / SSE data), ``huge`` (a 20 MiB answer), ``endless``
-(ignores max_tokens: 200,000 tokens, streamed until the client closes). Streams send varied
-tokens, with ``ttft_s`` before the first and ``token_delay_s`` between the others.
+(ignores max_tokens: 200,000 tokens, streamed until the client closes), ``flood`` (a 50 MB
+answer of one token, sent in 64 KiB pieces without a Content-Length, never held whole).
+Streams send varied tokens, with ``ttft_s`` before the first and ``token_delay_s`` between
+the others.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ WORDS = (
 
 HUGE_CHARS = 20 * 1024 * 1024
 """The one token of the ``huge`` model (20 MiB), streamed or not."""
+FLOOD_BYTES = 50 * 1000 * 1000
+"""How long the ``flood`` model's answer is (a hostile upstream's), JSON or SSE."""
 ENDLESS_TOKENS = 200_000
 """How much the ``endless`` model says, whatever max_tokens asked for (about 1.2 MB of text)."""
 
@@ -104,6 +108,8 @@ class FakeOpenAI:
             )
         if model == "slow":
             await asyncio.sleep(self.delay_s)
+        if model == "flood":
+            return await self._flood(request, stream=bool(body.get("stream")))
         if model == "malformed" and not body.get("stream"):
             return web.Response(text="{not json", content_type="application/json")
         max_tokens = int(body.get("max_tokens") or self.tokens)
@@ -141,6 +147,22 @@ class FakeOpenAI:
                 }
             )
         return await self._stream(request, model, words, finish, usage)
+
+    async def _flood(self, request: web.Request, *, stream: bool) -> web.StreamResponse:
+        """FLOOD_BYTES in one string field, chunked: the reader sees no length up front."""
+        content_type = "text/event-stream" if stream else "application/json"
+        response = web.StreamResponse(headers={"Content-Type": content_type})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        head = '{"id":"f","choices":[{"index":0,"message":{"content":"'
+        if stream:
+            head = 'data: {"id":"f","choices":[{"index":0,"delta":{"content":"'
+        piece = b"x" * 65536
+        await response.write(head.encode())
+        for _ in range(FLOOD_BYTES // len(piece)):
+            await response.write(piece)
+        await response.write(b'"},"finish_reason":"stop"}]}' + (b"\n\n" if stream else b""))
+        return response
 
     async def _stream(
         self,

@@ -44,6 +44,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 METADATA_KEY = offline.METADATA_KEY
+DEFAULT_CHARS_PER_TOKEN = 16
+"""A call's text bound when its caller names none (generation.service cuts replies there)."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class LLMGateway:
         stream_coalesce_s: float = 0.0,
         on_cooldown: OnCooldown | None = None,
         clock: Callable[[], float] = time.monotonic,
+        answer_budget_bytes: int = transport.DEFAULT_BUDGET_BYTES,
     ) -> None:
         offline.register()
         if alias is not None and alias not in routes.aliases:
@@ -195,7 +198,10 @@ class LLMGateway:
             [d.model for d in self.deployments() if not d.model.startswith(f"{OFFLINE_PROVIDER}/")]
         )
         self._http = transport.make_client(
-            http_client, max_connections=max_connections, keepalive_s=keepalive_s
+            http_client,
+            max_connections=max_connections,
+            keepalive_s=keepalive_s,
+            budget_bytes=answer_budget_bytes,
         )
         self._coalesce_s = max(0.0, stream_coalesce_s)
         self.cooldowns = Cooldowns(
@@ -205,6 +211,11 @@ class LLMGateway:
             on_cooldown=on_cooldown,
             clock=clock,
         )
+
+    @property
+    def answer_budget(self) -> transport.AnswerBudget:
+        """The bytes of upstream answers held at once, and how many were refused (metrics)."""
+        return self._http.budget
 
     @property
     def route_model(self) -> str:
@@ -254,9 +265,12 @@ class LLMGateway:
         temperature: float | None,
         timeout_s: float | None,
         offline_text: str,
+        max_chars: int | None = None,
     ) -> Completion:
-        """One non-streaming generation; upstream failures become errors.ServingError."""
-        call = _Call(messages, max_tokens, temperature, offline_text)
+        """One non-streaming generation; upstream failures become errors.ServingError. An
+        answer longer than `max_chars` (default: max_tokens x 16) would carry, in the route's
+        format, is refused while it is read."""
+        call = _Call(messages, max_tokens, temperature, offline_text, max_chars)
         try:
             async with asyncio.timeout(timeout_s):
                 response, model = await self._attempts(call, timeout_s, stream=False)
@@ -280,6 +294,7 @@ class LLMGateway:
         temperature: float | None,
         timeout_s: float | None,
         offline_text: str,
+        max_chars: int | None = None,
     ) -> AsyncGenerator[str | Completion, None]:
         """Yield text deltas, then one Completion with the totals (empty text).
 
@@ -287,7 +302,7 @@ class LLMGateway:
         of the last one sent go out together with the next, as one message (timer-free: what
         has arrived is merged when the next chunk comes in, never waited for).
         """
-        call = _Call(messages, max_tokens, temperature, offline_text)
+        call = _Call(messages, max_tokens, temperature, offline_text, max_chars)
         prompt_tokens = completion_tokens = pieces = 0
         finish_reason = ""
         window = self._coalesce_s
@@ -410,17 +425,24 @@ class LLMGateway:
         prepared = route.prepare(
             call.messages, max_tokens=call.max_tokens, temperature=call.temperature, stream=False
         )
+        bound = route.answer_bound(call.max_tokens, call.max_chars, stream=False)
         try:
             async with asyncio.timeout(timeout):
-                response = await self._http.post(prepared.url, prepared.headers, prepared.body)
+                response = await self._http.post(
+                    prepared.url, prepared.headers, prepared.body, max_bytes=bound
+                )
                 content = await response.read()
         except TimeoutError:
             raise route.timeout_error() from None
         except transport.TransportError as exc:
             raise route.connection_error(exc) from exc
-        if response.status >= 300:
-            raise route.status_error(response.status, response.headers, content)
-        return route.parse(prepared, response.status, response.headers, content)
+        try:
+            if response.status >= 300:
+                raise route.status_error(response.status, response.headers, content)
+            return route.parse(prepared, response.status, response.headers, content)
+        finally:
+            del content
+            response.free()  # parsed: the body's bytes go back to the budget
 
     async def _open_stream(self, deployment: _Deployment, call: _Call, timeout: float) -> _Stream:
         """The stream and its first chunk: a stream failing before that fails its try."""
@@ -440,9 +462,12 @@ class LLMGateway:
             call.messages, max_tokens=call.max_tokens, temperature=call.temperature, stream=True
         )
         response: transport.Response | None = None
+        bound = route.answer_bound(call.max_tokens, call.max_chars, stream=True)
         try:
             async with asyncio.timeout(timeout):
-                response = await self._http.post(prepared.url, prepared.headers, prepared.body)
+                response = await self._http.post(
+                    prepared.url, prepared.headers, prepared.body, max_bytes=bound
+                )
                 if response.status >= 300:
                     content = await response.read()
                     raise route.status_error(response.status, response.headers, content)
@@ -470,7 +495,7 @@ class LLMGateway:
 class _Call:
     """One call's arguments, in the two forms the two paths take."""
 
-    __slots__ = ("max_tokens", "messages", "offline_text", "temperature")
+    __slots__ = ("max_chars", "max_tokens", "messages", "offline_text", "temperature")
 
     def __init__(
         self,
@@ -478,9 +503,11 @@ class _Call:
         max_tokens: int,
         temperature: float | None,
         offline_text: str,
+        max_chars: int | None,
     ) -> None:
         self.messages = messages
         self.max_tokens = max_tokens
+        self.max_chars = max_tokens * DEFAULT_CHARS_PER_TOKEN if max_chars is None else max_chars
         self.temperature = temperature
         self.offline_text = offline_text
 

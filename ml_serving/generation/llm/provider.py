@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ml_serving import errors
 from ml_serving.generation.llm import tuning
 from ml_serving.generation.llm.transport import TransportError
 
@@ -74,6 +75,19 @@ _ROUTE_OPENAI_PARAMS = frozenset(
 _OPENAI_COMPATIBLE = frozenset({"openai", "hosted_vllm"})
 _ANTHROPIC = frozenset({"anthropic"})
 _ANTHROPIC_DEFAULT_BASE = "https://api.anthropic.com"
+
+# What an answer of N characters can take on the wire, so that a longer one is refused while it
+# is read. A character is at most 12 bytes of JSON (an astral one, escaped as a surrogate pair
+# "\ud83d\ude00", is one Python character); an answer's envelope (ids, usage, a request id
+# header echoed in the body, error bodies) stays within 64 KiB; each streamed event adds its
+# frame: OpenAI's chunk repeats id, model, created and fingerprint (about 250 bytes, and its
+# "obfuscation" padding), Anthropic's content_block_delta about 100. Every token may be its own
+# event, plus a few for role, finish and usage.
+_BYTES_PER_CHAR = 12
+_ENVELOPE_BYTES = 64 * 1024
+_EVENT_FRAME_BYTES = {"anthropic": 512}
+_DEFAULT_EVENT_FRAME_BYTES = 1024
+_EXTRA_EVENTS = 16
 
 
 def calculate_retry_after(
@@ -155,6 +169,15 @@ class ProviderRoute:
     than the rest of building the response object)."""
 
     # --- requests ----------------------------------------------------------------------------
+
+    def answer_bound(self, max_tokens: int, max_chars: int, *, stream: bool) -> int:
+        """Most bytes an answer of `max_tokens` tokens and `max_chars` characters of text takes
+        in this provider's format (JSON, or SSE events when streamed)."""
+        bound = _ENVELOPE_BYTES + max_chars * _BYTES_PER_CHAR
+        if stream:
+            frame = _EVENT_FRAME_BYTES.get(self.provider, _DEFAULT_EVENT_FRAME_BYTES)
+            bound += (max_tokens + _EXTRA_EVENTS) * frame
+        return bound
 
     def url(self, *, stream: bool) -> str:
         """The complete URL, as LiteLLM builds it for this provider."""
@@ -408,6 +431,8 @@ class ProviderRoute:
                 yield parse(chunk=chunk)
         except TransportError as exc:
             raise self.mid_stream_error(self.connection_error(exc)) from exc
+        except errors.ServingError:
+            raise  # ours (the answer budget), not the upstream's: no retry, no cooldown
         except Exception as exc:
             raise self.mid_stream_error(exc) from exc
 
@@ -424,6 +449,8 @@ class ProviderRoute:
                     yield chunk
         except TransportError as exc:
             raise self.mid_stream_error(self.connection_error(exc)) from exc
+        except errors.ServingError:
+            raise  # ours (the answer budget), not the upstream's: no retry, no cooldown
         except Exception as exc:
             raise self.mid_stream_error(exc) from exc
 

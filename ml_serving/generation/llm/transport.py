@@ -17,21 +17,104 @@ from typing import Protocol
 import aiohttp
 import httpx
 
+from ml_serving import errors
+
 CLIENTS = ("aiohttp", "httpx")
 """The values of ML_SERVING_LLM_HTTP_CLIENT."""
 
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
-"""Most bytes read of one upstream answer, a stream's included: an answer of max_tokens (1024 at
-most by default) is a few hundred KB even as SSE. A 50 MB body was read whole, then refused by
-gRPC's send limit while our logs said OK; past this the answer is an upstream failure."""
+"""Ceiling on the bytes read of one upstream answer, whatever its request allows: the bound a
+call passes (`post`'s max_bytes, from its max_tokens and the provider's framing) is lower."""
 
-
-def _too_large(read: int) -> TransportError:
-    return TransportError(f"the answer is larger than {MAX_ANSWER_BYTES} bytes ({read} read)")
+DEFAULT_BUDGET_BYTES = 64 * 1024 * 1024
+"""ML_SERVING_LLM_ANSWER_BUDGET_BYTES' default (the setting's docstring says why)."""
 
 
 class TransportError(Exception):
     """The request could not be sent or its answer not read (refused, reset, cut short)."""
+
+
+class AnswerTooLarge(TransportError):
+    """The answer ran past the bound its request allows: an upstream failure, refused while it
+    is read (never after)."""
+
+
+def _too_large(read: int, bound: int) -> AnswerTooLarge:
+    return AnswerTooLarge(f"the answer is larger than its request allows ({read} > {bound} bytes)")
+
+
+class AnswerBudget:
+    """Bytes of upstream answers held at once, summed over every call of the process.
+
+    Each answer is bounded on its own, but 2,048 calls in flight at 16 MiB each is 32 GiB: this
+    is the bound on the sum. A piece that would take the total past `limit` is not kept, and
+    its call fails with errors.AnswerBudgetSpent (UNAVAILABLE, or the fallback tip).
+    """
+
+    __slots__ = ("held", "limit", "peak", "refused")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.peak = 0
+        self.refused = 0
+        """Answers given up because the budget was spent."""
+
+    def take(self, n: int) -> None:
+        """Hold `n` more bytes, or raise AnswerBudgetSpent (nothing held then)."""
+        held = self.held + n
+        if n > 0 and held > self.limit:
+            self.refused += 1
+            raise errors.AnswerBudgetSpent(
+                "the server is holding too many upstream answers at once; retry shortly"
+            )
+        self.held = held
+        if held > self.peak:
+            self.peak = held
+
+    def give(self, n: int) -> None:
+        """Return `n` bytes taken before."""
+        self.held -= n
+
+
+class _Held:
+    """What one answer holds of the budget, and the bound on what it may read in all."""
+
+    __slots__ = ("budget", "bound", "held", "read")
+
+    def __init__(self, budget: AnswerBudget, bound: int) -> None:
+        self.budget = budget
+        self.bound = min(bound, MAX_ANSWER_BYTES)
+        self.held = 0
+        self.read = 0
+
+    def check_length(self, length: int | None) -> None:
+        if length is not None and length > self.bound:
+            raise _too_large(length, self.bound)
+
+    def arrived(self, n: int) -> None:
+        """`n` more bytes of the answer: within its bound, and held against the budget."""
+        self.read += n
+        if self.read > self.bound:
+            raise _too_large(self.read, self.bound)
+        self.budget.take(n)
+        self.held += n
+
+    def keep_only(self, n: int) -> None:
+        """Of what is held, only `n` bytes stay alive (a stream's unfinished line)."""
+        if n < self.held:
+            self.budget.give(self.held - n)
+            self.held = n
+
+    def free(self) -> None:
+        self.keep_only(0)
+
+
+def _line_tail(data: bytes, pending: int) -> int:
+    """Bytes of the SSE line still unfinished after `data` (LiteLLM's splitter keeps them until
+    a line break: CR or LF)."""
+    cut = max(data.rfind(b"\n"), data.rfind(b"\r"))
+    return pending + len(data) if cut < 0 else len(data) - cut - 1
 
 
 class Response(Protocol):
@@ -41,23 +124,34 @@ class Response(Protocol):
     headers: Mapping[str, str]
 
     async def read(self) -> bytes:
-        """The whole body; releases the connection to the pool."""
+        """The whole body; releases the connection to the pool. Its bytes stay held against
+        the budget until `free` (or `close`): the caller parses them first."""
         ...
 
     def text_chunks(self) -> AsyncIterator[str]:
         """The body as decoded text, as it arrives (for SSE)."""
         ...
 
+    def free(self) -> None:
+        """The body read is no longer held: its bytes go back to the budget."""
+        ...
+
     async def close(self) -> None:
-        """Done with it: a fully read connection goes back to the pool, any other is closed."""
+        """Done with it: a fully read connection goes back to the pool, any other is closed;
+        whatever it held goes back to the budget."""
         ...
 
 
 class HttpClient(Protocol):
     """A pooled client: POST a JSON body, get a Response once the headers are in."""
 
-    async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> Response:
-        """Send; raises TransportError when no answer starts."""
+    budget: AnswerBudget
+
+    async def post(
+        self, url: str, headers: Mapping[str, str], body: bytes, *, max_bytes: int
+    ) -> Response:
+        """Send; raises TransportError when no answer starts. The answer may be at most
+        `max_bytes` long (AnswerTooLarge past it, while it is read)."""
         ...
 
     async def aclose(self) -> None:
@@ -65,55 +159,65 @@ class HttpClient(Protocol):
         ...
 
 
-def make_client(kind: str, *, max_connections: int, keepalive_s: float) -> HttpClient:
-    """The pooled client named by ML_SERVING_LLM_HTTP_CLIENT ("aiohttp" or "httpx")."""
+def make_client(
+    kind: str,
+    *,
+    max_connections: int,
+    keepalive_s: float,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> HttpClient:
+    """The pooled client named by ML_SERVING_LLM_HTTP_CLIENT ("aiohttp" or "httpx"), its
+    answers held within `budget_bytes` in all."""
+    budget = AnswerBudget(budget_bytes)
     if kind == "aiohttp":
-        return AiohttpClient(max_connections=max_connections, keepalive_s=keepalive_s)
+        return AiohttpClient(
+            max_connections=max_connections, keepalive_s=keepalive_s, budget=budget
+        )
     if kind == "httpx":
-        return HttpxClient(max_connections=max_connections, keepalive_s=keepalive_s)
+        return HttpxClient(max_connections=max_connections, keepalive_s=keepalive_s, budget=budget)
     raise ValueError(f"unknown LLM HTTP client {kind!r}; known: {', '.join(CLIENTS)}")
 
 
-def _decoded(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
-    """UTF-8 text from byte chunks that may split a character (SSE bodies are UTF-8)."""
-
-    async def text() -> AsyncIterator[str]:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+async def _sse_text(chunks: AsyncIterator[bytes], held: _Held) -> AsyncIterator[str]:
+    """UTF-8 text from byte chunks that may split a character (SSE bodies are UTF-8), each
+    chunk held against the budget while it is parsed, then only its unfinished line."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = 0
+    try:
         async for data in chunks:
-            piece = decoder.decode(data)
-            if piece:
+            held.arrived(len(data))
+            pending = _line_tail(data, pending)
+            if piece := decoder.decode(data):
                 yield piece
-        tail = decoder.decode(b"", final=True)
-        if tail:
+            # The consumer has parsed what it was given: only the unfinished line stays.
+            held.keep_only(pending)
+        if tail := decoder.decode(b"", final=True):
             yield tail
-
-    return text()
+    finally:
+        held.free()
 
 
 # --- aiohttp -------------------------------------------------------------------------------------
 
 
 class _AiohttpResponse:
-    __slots__ = ("_response", "headers", "status")
+    __slots__ = ("_held", "_response", "headers", "status")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, held: _Held) -> None:
         self._response = response
+        self._held = held
         self.status = response.status
         self.headers: Mapping[str, str] = response.headers
 
     async def read(self) -> bytes:
         response = self._response
+        held = self._held
         whole = False
         try:
-            length = response.content_length
-            if length is not None and length > MAX_ANSWER_BYTES:
-                raise _too_large(0)
+            held.check_length(response.content_length)
             chunks: list[bytes] = []
-            read = 0
             async for data in response.content.iter_any():
-                read += len(data)
-                if read > MAX_ANSWER_BYTES:
-                    raise _too_large(read)
+                held.arrived(len(data))
                 chunks.append(data)
             whole = True
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -123,27 +227,28 @@ class _AiohttpResponse:
             if whole:
                 response.release()
             else:
+                held.free()
                 response.close()  # half read: the connection cannot go back to the pool
 
-    async def text_chunks(self) -> AsyncIterator[str]:
+    async def _chunks(self) -> AsyncIterator[bytes]:
         content = self._response.content
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        read = 0
         try:
             # readany returns whatever has arrived (several SSE events at once when the loop
             # was busy), so one pass handles them all.
             while data := await content.readany():
-                read += len(data)
-                if read > MAX_ANSWER_BYTES:
-                    raise _too_large(read)
-                if text := decoder.decode(data):
-                    yield text
+                yield data
         except aiohttp.ClientError as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
-        if tail := decoder.decode(b"", final=True):
-            yield tail
+
+    def text_chunks(self) -> AsyncIterator[str]:
+        self._held.check_length(self._response.content_length)
+        return _sse_text(self._chunks(), self._held)
+
+    def free(self) -> None:
+        self._held.free()
 
     async def close(self) -> None:
+        self._held.free()
         if self._response.content.at_eof():
             self._response.release()
         else:
@@ -153,10 +258,13 @@ class _AiohttpResponse:
 class AiohttpClient:
     """aiohttp.ClientSession with a TCPConnector sized from the server's concurrency limit."""
 
-    def __init__(self, *, max_connections: int, keepalive_s: float) -> None:
+    def __init__(
+        self, *, max_connections: int, keepalive_s: float, budget: AnswerBudget | None = None
+    ) -> None:
         self._max = max_connections
         self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
+        self.budget = budget or AnswerBudget(DEFAULT_BUDGET_BYTES)
 
     def _open(self) -> aiohttp.ClientSession:
         # Made on first use: a ClientSession belongs to the running event loop.
@@ -173,13 +281,15 @@ class AiohttpClient:
         )
         return self._session
 
-    async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> Response:
+    async def post(
+        self, url: str, headers: Mapping[str, str], body: bytes, *, max_bytes: int
+    ) -> Response:
         session = self._session or self._open()
         try:
             response = await session.post(url, data=body, headers=headers)
         except aiohttp.ClientError as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
-        return _AiohttpResponse(response)
+        return _AiohttpResponse(response, _Held(self.budget, max_bytes))
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -191,50 +301,61 @@ class AiohttpClient:
 
 
 class _HttpxResponse:
-    __slots__ = ("_response", "headers", "status")
+    __slots__ = ("_held", "_response", "headers", "status")
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: httpx.Response, held: _Held) -> None:
         self._response = response
+        self._held = held
         self.status = response.status_code
         self.headers: Mapping[str, str] = response.headers
 
+    def _length(self) -> int | None:
+        value = self._response.headers.get("content-length", "")
+        return int(value) if value.isdigit() else None
+
     async def read(self) -> bytes:
+        held = self._held
         chunks: list[bytes] = []
-        read = 0
+        whole = False
         try:
+            held.check_length(self._length())
             async for data in self._response.aiter_bytes():
-                read += len(data)
-                if read > MAX_ANSWER_BYTES:
-                    raise _too_large(read)
+                held.arrived(len(data))
                 chunks.append(data)
+            whole = True
             return b"".join(chunks)
         except httpx.TransportError as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
         finally:
+            if not whole:
+                held.free()
             await self._response.aclose()
 
     def text_chunks(self) -> AsyncIterator[str]:
-        return _decoded(self._chunks())
+        self._held.check_length(self._length())
+        return _sse_text(self._chunks(), self._held)
 
     async def _chunks(self) -> AsyncIterator[bytes]:
-        read = 0
         try:
             async for data in self._response.aiter_bytes():
-                read += len(data)
-                if read > MAX_ANSWER_BYTES:
-                    raise _too_large(read)
                 yield data
         except httpx.TransportError as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
 
+    def free(self) -> None:
+        self._held.free()
+
     async def close(self) -> None:
+        self._held.free()
         await self._response.aclose()
 
 
 class HttpxClient:
     """httpx.AsyncClient with its pool sized from the server's concurrency limit."""
 
-    def __init__(self, *, max_connections: int, keepalive_s: float) -> None:
+    def __init__(
+        self, *, max_connections: int, keepalive_s: float, budget: AnswerBudget | None = None
+    ) -> None:
         self._client = httpx.AsyncClient(
             limits=httpx.Limits(
                 max_connections=max_connections,
@@ -243,14 +364,17 @@ class HttpxClient:
             ),
             timeout=httpx.Timeout(None),
         )
+        self.budget = budget or AnswerBudget(DEFAULT_BUDGET_BYTES)
 
-    async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> Response:
+    async def post(
+        self, url: str, headers: Mapping[str, str], body: bytes, *, max_bytes: int
+    ) -> Response:
         request = self._client.build_request("POST", url, headers=headers, content=body)
         try:
             response = await self._client.send(request, stream=True)
         except httpx.TransportError as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
-        return _HttpxResponse(response)
+        return _HttpxResponse(response, _Held(self.budget, max_bytes))
 
     async def aclose(self) -> None:
         await self._client.aclose()
