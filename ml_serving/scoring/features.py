@@ -450,3 +450,131 @@ def rows_from_mappings(rows: Sequence[Mapping[str, float]], group: Group) -> Flo
                 raise ValueError(f"{group} feature {name!r} must be finite, got {value!r}")
             out[r, index[name]] = value
     return fill_defaults(out, group)
+
+
+# --- where each feature comes from: the request or the feature store (feature_repo/) ----------
+
+
+class Source(StrEnum):
+    """Where serving finds a model input when the caller leaves it out."""
+
+    REQUEST = "request"
+    """Computed from the request at call time (never stored): the caller must send it."""
+    USER = "user"
+    """The user feature view, by ``user_id``; the field has the feature's name."""
+    TIP = "tip"
+    """The tip feature view, by candidate id; the field has the feature's name."""
+    TIP_CATEGORY = "tip_category"
+    """One-hot of the tip view's ``category`` field."""
+    USER_AFFINITY_OF_TIP_CATEGORY = "user_affinity_of_tip_category"
+    """The user view's ``affinity_<category>`` field for the candidate tip's category."""
+
+
+FEATURE_SERVICE: Final = "tips_ranker_v1"
+"""The Feast feature service of this feature set: training's historical retrieval and serving's
+lookups read exactly its fields (named in the model card)."""
+USER_FEATURE_VIEW: Final = "user_features"
+"""Feast feature view of the per-user model inputs (entity ``user``, join key ``user_id``)."""
+TIP_FEATURE_VIEW: Final = "tip_features"
+"""Feast feature view of the per-tip model inputs (entity ``tip``, join key ``tip_id``)."""
+USER_PROFILE_VIEW: Final = "user_profile"
+"""Feast feature view of the prompt context Generate fills in (not a model input)."""
+
+AFFINITY_FIELDS: Final = tuple(f"affinity_{c}" for c in CATEGORIES)
+"""User-view fields: share of the user's past likes per category (null without likes)."""
+
+SOURCES: Final[dict[str, Source]] = {
+    "tenure_days": Source.USER,
+    "sessions_7d": Source.USER,
+    "tips_seen_7d": Source.USER,
+    "streak_days": Source.USER,
+    "like_rate_30d": Source.USER,
+    "is_new_user": Source.USER,
+    "local_hour_sin": Source.REQUEST,
+    "local_hour_cos": Source.REQUEST,
+    **{f"category_{c}": Source.TIP_CATEGORY for c in CATEGORIES},
+    "tip_length_chars": Source.TIP,
+    "tip_age_days": Source.TIP,
+    "tip_prior_ctr": Source.TIP,
+    "readability": Source.TIP,
+    "has_action_step": Source.TIP,
+    "topic_affinity": Source.USER_AFFINITY_OF_TIP_CATEGORY,
+}
+"""Every model input's source; a test keeps it, the feature lists and feature_repo/ in step."""
+
+USER_FIELDS: Final[dict[str, str]] = {
+    **{
+        n: ("float64" if n == "like_rate_30d" else "int64")
+        for n, s in SOURCES.items()
+        if s is Source.USER
+    },
+    **{n: "float64" for n in AFFINITY_FIELDS},
+}
+"""Fields of the user feature view and their value types (what feast_repo declares)."""
+TIP_FIELDS: Final[dict[str, str]] = {
+    "category": "string",
+    "tip_length_chars": "int64",
+    "tip_age_days": "int64",
+    "tip_prior_ctr": "float64",
+    "readability": "float64",
+    "has_action_step": "int64",
+}
+"""Fields of the tip feature view and their value types."""
+PROFILE_FIELDS: Final[dict[str, str]] = {
+    "interests": "string_list",
+    "experience_level": "string",
+    "streak_days": "int64",
+    "locale": "string",
+    "recent_tips": "string_list",
+}
+"""Fields of the user-profile view (Generate's prompt context) and their value types."""
+
+
+def local_hour_features(local_hour: npt.ArrayLike) -> tuple[Float64Array, Float64Array]:
+    """``local_hour_sin`` and ``local_hour_cos`` of a (fractional) local hour: the request-time
+    features, computed the same way by the simulator, training and any caller."""
+    angle = 2 * np.pi * np.asarray(local_hour, dtype=np.float64) / 24.0
+    return np.sin(angle), np.cos(angle)
+
+
+def category_index(categories: Sequence[object]) -> npt.NDArray[np.intp]:
+    """Index into ``CATEGORIES`` of each tip category; -1 for a missing or unknown one."""
+    lookup = {c: i for i, c in enumerate(CATEGORIES)}
+    return np.array(
+        [lookup.get(c, -1) if isinstance(c, str) else -1 for c in categories], dtype=np.intp
+    )
+
+
+def context_from_store(user: Mapping[str, npt.ArrayLike], n: int) -> Float32Array:
+    """Context rows (n, N_CONTEXT) from user-view columns; NaN where a column is absent or
+    null and for the request-time features, which the caller (or training) fills in."""
+    out = np.full((n, N_CONTEXT), np.nan, dtype=DTYPE)
+    for i, f in enumerate(CONTEXT_FEATURES):
+        if SOURCES[f.name] is Source.USER and f.name in user:
+            out[:, i] = np.asarray(user[f.name], dtype=np.float64)
+    return out
+
+
+def candidates_from_store(
+    tips: Mapping[str, npt.ArrayLike],
+    category: npt.NDArray[np.intp],
+    affinity: npt.ArrayLike | None,
+) -> Float32Array:
+    """Candidate rows (n, N_CANDIDATE) from tip-view columns, each tip's category index
+    (``category_index``) and the user's ``AFFINITY_FIELDS`` values, shape (5,) for one user or
+    (n, 5) for one user per row; NaN where a value is absent, null or its category unknown."""
+    n = len(category)
+    out = np.full((n, N_CANDIDATE), np.nan, dtype=DTYPE)
+    known = category >= 0
+    aff = None if affinity is None else np.asarray(affinity, dtype=np.float64)
+    for i, f in enumerate(CANDIDATE_FEATURES):
+        source = SOURCES[f.name]
+        if source is Source.TIP and f.name in tips:
+            out[:, i] = np.asarray(tips[f.name], dtype=np.float64)
+        elif source is Source.TIP_CATEGORY:
+            j = CATEGORIES.index(f.name.removeprefix("category_"))
+            out[known, i] = (category[known] == j).astype(np.float64)
+        elif source is Source.USER_AFFINITY_OF_TIP_CATEGORY and aff is not None:
+            picked = aff[category[known]] if aff.ndim == 1 else aff[known, category[known]]
+            out[known, i] = picked
+    return out
