@@ -46,6 +46,10 @@ STALLED_STREAMS_15M = 10
 SNAPSHOT_MAX_AGE_S = 36 * 3600
 SHADOW_MIN_TAU = 0.8
 SHADOW_MIN_COMPARISONS_30M = 100
+# A failing poll repeats at least every ML_SERVING_MODEL_POLL_MAX_BACKOFF_S (30 s): failures in
+# every 3-minute window for 10 minutes mean the registry has been failing for about that long,
+# while a one-minute blip (true for 3 minutes at most) stays silent.
+POLL_WINDOW = "3m"
 
 
 def _availability_records() -> list[dict[str, Any]]:
@@ -205,7 +209,7 @@ def groups() -> list[dict[str, Any]]:
                             f"{STALLED_STREAMS_15M}) were ended because their client took no "
                             "message for ML_SERVING_STREAM_STALL_TIMEOUT_S; each held a "
                             "concurrency slot meanwhile. Find the caller in the access log "
-                            "(code CANCELLED or DEADLINE_EXCEEDED on GenerateStream) and fix its "
+                            "(GenerateStream lines with code CANCELLED and stalled_s) and fix its "
                             "reading loop."
                         ),
                     },
@@ -214,13 +218,12 @@ def groups() -> list[dict[str, Any]]:
                     "alert": "MLServingModelRegistryUnreachable",
                     "expr": (
                         "increase(mlserving_model_poll_failures_total"
-                        '{reason="unavailable"}[10m]) > 0'
+                        f'{{reason="unavailable"}}[{POLL_WINDOW}]) > 0'
                     ),
                     "for": "10m",
                     "labels": {"severity": "warning"},
                     "annotations": {
-                        "summary": "{{ $labels.pod }}{{ $labels.instance }} cannot reach the "
-                        "model registry.",
+                        "summary": "{{ $labels.instance }} cannot reach the model registry.",
                         "description": (
                             "Model registry polls fail for 10m (MLflow or the models volume "
                             "unreachable). Score keeps serving its current version, but a new "
@@ -232,14 +235,15 @@ def groups() -> list[dict[str, Any]]:
                 {
                     "alert": "MLServingModelVersionRefused",
                     "expr": (
-                        'increase(mlserving_model_poll_failures_total{reason="refused"}[10m]) > 0'
+                        "increase(mlserving_model_poll_failures_total"
+                        f'{{reason="refused"}}[{POLL_WINDOW}]) > 0'
                     ),
                     "for": "2m",
                     "labels": {"severity": "warning"},
                     "annotations": {
                         "summary": "The promoted model version fails validation.",
                         "description": (
-                            "{{ $labels.pod }}{{ $labels.instance }} refuses the promoted "
+                            "{{ $labels.instance }} refuses the promoted "
                             "version (weights, card or reference predictions) and keeps "
                             "serving the old one. Promote a valid version with the promote "
                             "command (it validates first), or move PROMOTED / the champion "
@@ -249,7 +253,9 @@ def groups() -> list[dict[str, Any]]:
                 },
                 {
                     "alert": "MLServingShadowModelPollFailing",
-                    "expr": "increase(mlserving_shadow_model_poll_failures_total[10m]) > 0",
+                    "expr": (
+                        f"increase(mlserving_shadow_model_poll_failures_total[{POLL_WINDOW}]) > 0"
+                    ),
                     "for": "10m",
                     "labels": {"severity": "warning"},
                     "annotations": {
@@ -297,7 +303,8 @@ def groups() -> list[dict[str, Any]]:
                         "served one.",
                         "description": (
                             "Mean Kendall tau between the served and the shadow ranking is "
-                            f"{{{{ $value | humanize }}}} over 30m (bound {SHADOW_MIN_TAU:g}). "
+                            '{{ $value | printf "%.2f" }} over 30m '
+                            f"(bound {SHADOW_MIN_TAU:g}). "
                             "Do not promote this version before its offline metrics explain the "
                             "difference; see the dashboard's shadow-model row."
                         ),
