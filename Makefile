@@ -127,11 +127,11 @@ train: $(RUN_STAMP) ## train the next version of the model from the simulator (s
 
 promote: $(RUN_STAMP) ## make VERSION the served one (validated; a running server swaps it in)
 	@test -n "$(VERSION)" || { echo "usage: make promote VERSION=N" >&2; exit 2; }
-	$(PY) -m ml_serving.scoring.registry promote --root $(MODEL_ROOT) --name $(MODEL_NAME) \
+	$(PY) -m ml_serving.scoring promote --root $(MODEL_ROOT) --name $(MODEL_NAME) \
 	  --version $(VERSION)
 
 models: $(RUN_STAMP) ## list the model versions (* marks the promoted one)
-	$(PY) -m ml_serving.scoring.registry list --root $(MODEL_ROOT) --name $(MODEL_NAME)
+	$(PY) -m ml_serving.scoring list --root $(MODEL_ROOT) --name $(MODEL_NAME)
 
 bench: $(DEV_STAMP) ## full benchmark (< 10 min): bench/results.json, RESULTS.md, latency.png
 	$(PY) -m bench

@@ -218,7 +218,7 @@ def test_the_train_and_promote_commands_run_as_written(tmp_path: Path) -> None:
     # The command `make promote` stands for, as the README spells it (run from the scratch
     # directory, so its relative `--root models` is the copy).
     (spelled,) = re.findall(
-        r"`(\.venv/bin/python -m ml_serving\.scoring\.registry promote[^`]+)`", model
+        r"`(\.venv/bin/python -m ml_serving\.scoring promote[^`]+)`", model
     )
     _sh(" ".join(spelled.split()).replace("--version N", f"--version {served}"), scratch)
     assert (registry / "PROMOTED").read_text().strip() == served
