@@ -95,7 +95,7 @@ check-gen: $(DEV_STAMP) $(NODE_STAMP) $(TS_STAMP) ## fail when committed Python 
 	diff -r -x __pycache__ "$$tmp/_proto" $(PROTO_OUT) || { echo "stale stubs: run 'make proto' and commit" >&2; exit 1; }
 	cd $(TS_CLIENT) && npm run --silent check-gen
 
-lint: install check-gen ## buf lint/format/breaking, ruff, mypy --strict, hadolint
+lint: install check-gen ## buf lint/format/breaking, ruff, mypy --strict, hadolint, promtool
 	npx buf lint
 	npx buf format -d --exit-code
 	$(MAKE) --no-print-directory breaking
@@ -104,6 +104,8 @@ lint: install check-gen ## buf lint/format/breaking, ruff, mypy --strict, hadoli
 	$(BIN)/mypy
 	$(PY) -m ml_serving.generation.prompts check
 	$(BIN)/hadolint Dockerfile
+	$(PY) -m scripts.gen_monitoring --check
+	promtool check rules deploy/monitoring/prometheus-rules.yaml
 	deploy/validate/validate.sh
 
 breaking: $(NODE_STAMP) ## buf breaking against the main branch (skipped before main has protos)

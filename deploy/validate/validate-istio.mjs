@@ -1,13 +1,14 @@
 #!/usr/bin/env node
 // Offline schema validation of Istio manifests with the kubernetes-models classes.
 //
-//   node validate-istio.mjs [--istio-only] FILE.yaml...
+//   node validate-istio.mjs [--istio-only | --operator-only] FILE.yaml...
 //
 // Each YAML document is checked three ways:
 //   1. `new Model(doc).validate()` with the model class for its apiVersion and kind:
 //      @kubernetes-models/istio for *.istio.io groups (types, required fields, enums and
-//      oneOf rules of Istio's CRD schemas), kubernetes-models for the core kinds (a second
-//      opinion beside kubernetes-validate). validate() throws on a bad document.
+//      oneOf rules of Istio's CRD schemas), @kubernetes-models/prometheus-operator for
+//      monitoring.coreos.com (PodMonitor, PrometheusRule), kubernetes-models for the core kinds
+//      (a second opinion beside kubernetes-validate). validate() throws on a bad document.
 //   2. Unknown fields. These schemas do not forbid extra properties, so a typo such as
 //      `retryon:` would pass (1) and be silently pruned by the API server. Every field is
 //      therefore probed: its value is swapped for one of another JSON type and the document
@@ -15,13 +16,16 @@
 //      passes, and is reported.
 //   3. Durations (`timeout: 2s`...) in Istio documents, which the schemas type as strings.
 // A document with no model class (a typo'd kind or apiVersion) is an error. With
-// --istio-only, a document outside the *.istio.io groups is an error too.
+// --istio-only, a document outside the *.istio.io groups is an error too (with
+// --operator-only, one outside monitoring.coreos.com), and at least one such document must be
+// there.
 // Exit status: 0 when every document passed, 1 otherwise, 2 on usage errors.
 
 import { readFileSync } from "node:fs";
 import { parseAllDocuments } from "yaml";
 
 const ISTIO_GROUP = /^[a-z0-9.-]+\.istio\.io$/;
+const OPERATOR_GROUP = "monitoring.coreos.com";
 // Fields that Istio reads as google.protobuf.Duration.
 const DURATION_FIELDS = new Set([
   "timeout",
@@ -44,6 +48,10 @@ function isIstio(apiVersion) {
   return typeof apiVersion === "string" && ISTIO_GROUP.test(apiVersion.split("/")[0]);
 }
 
+function isOperator(apiVersion) {
+  return typeof apiVersion === "string" && apiVersion.split("/")[0] === OPERATOR_GROUP;
+}
+
 async function modelClass(apiVersion, kind) {
   if (typeof apiVersion !== "string" || typeof kind !== "string") return null;
   // "v1" is the core group; "apps/v1", "networking.istio.io/v1" name theirs.
@@ -51,7 +59,11 @@ async function modelClass(apiVersion, kind) {
   if (!/^[A-Za-z0-9]+$/.test(kind) || !/^v\w+$/.test(version) || !/^[a-z0-9.-]*$/.test(group)) {
     return null;
   }
-  const pkg = isIstio(apiVersion) ? "@kubernetes-models/istio" : "kubernetes-models";
+  const pkg = isIstio(apiVersion)
+    ? "@kubernetes-models/istio"
+    : isOperator(apiVersion)
+      ? "@kubernetes-models/prometheus-operator"
+      : "kubernetes-models";
   try {
     const mod = await import(`${pkg}/${group ? `${group}/` : ""}${version}/${kind}`);
     return mod[kind] ?? null;
@@ -119,11 +131,14 @@ function badDurations(doc) {
   return bad;
 }
 
-async function checkDocument(doc, where, istioOnly) {
+async function checkDocument(doc, where, only) {
   if (typeof doc !== "object" || Array.isArray(doc)) return [`${where}: not a mapping`];
   const name = `${doc.kind}/${doc.metadata?.name ?? "?"}`;
-  if (istioOnly && !isIstio(doc.apiVersion)) {
+  if (only === "istio" && !isIstio(doc.apiVersion)) {
     return [`${where} ${name}: apiVersion ${JSON.stringify(doc.apiVersion)} is not an Istio group`];
+  }
+  if (only === "operator" && !isOperator(doc.apiVersion)) {
+    return [`${where} ${name}: apiVersion ${JSON.stringify(doc.apiVersion)} is not ${OPERATOR_GROUP}`];
   }
   const Cls = await modelClass(doc.apiVersion, doc.kind);
   if (Cls === null) return [`${where} ${name}: no model class for ${doc.apiVersion} ${doc.kind}`];
@@ -138,15 +153,18 @@ async function checkDocument(doc, where, istioOnly) {
 }
 
 async function main(argv) {
-  const istioOnly = argv.includes("--istio-only");
-  const files = argv.filter((a) => a !== "--istio-only");
-  if (files.length === 0 || files.some((f) => f.startsWith("--"))) {
-    console.error("usage: node validate-istio.mjs [--istio-only] FILE.yaml...");
+  const flags = { "--istio-only": "istio", "--operator-only": "operator" };
+  const chosen = argv.filter((a) => a in flags);
+  const only = chosen.length === 1 ? flags[chosen[0]] : null;
+  const files = argv.filter((a) => !(a in flags));
+  if (files.length === 0 || chosen.length > 1 || files.some((f) => f.startsWith("--"))) {
+    console.error("usage: node validate-istio.mjs [--istio-only | --operator-only] FILE.yaml...");
     return 2;
   }
   const problems = [];
   let checked = 0;
   let istio = 0;
+  let operator = 0;
   for (const file of files) {
     let text;
     try {
@@ -170,15 +188,29 @@ async function main(argv) {
       if (value === null || value === undefined) continue; // empty document
       checked++;
       if (isIstio(value?.apiVersion)) istio++;
-      problems.push(...(await checkDocument(value, where, istioOnly)));
+      if (isOperator(value?.apiVersion)) operator++;
+      problems.push(...(await checkDocument(value, where, only)));
     }
   }
   for (const p of problems) console.error(`FAIL ${p}`);
-  if (problems.length === 0 && istio === 0) {
+  // An Istio run must find Istio resources, an operator run its CRs, a rendered kustomization
+  // (base: Istio; monitoring: the operator's) one of the two.
+  if (problems.length === 0 && only === "istio" && istio === 0) {
     console.error("FAIL no Istio document found");
     return 1;
   }
-  console.log(`${checked} document(s) checked (${istio} Istio), ${problems.length} problem(s)`);
+  if (problems.length === 0 && only === null && istio + operator === 0) {
+    console.error(`FAIL no Istio or ${OPERATOR_GROUP} document found`);
+    return 1;
+  }
+  if (problems.length === 0 && only === "operator" && operator === 0) {
+    console.error(`FAIL no ${OPERATOR_GROUP} document found`);
+    return 1;
+  }
+  console.log(
+    `${checked} document(s) checked (${istio} Istio, ${operator} ${OPERATOR_GROUP}), ` +
+      `${problems.length} problem(s)`,
+  );
   return problems.length === 0 ? 0 : 1;
 }
 

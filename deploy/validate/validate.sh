@@ -11,9 +11,12 @@
 #      @kubernetes-models/istio classes (validate() throws on a bad document) plus an
 #      unknown-field and duration check. `npm ci` runs first when node_modules is missing
 #      or older than package-lock.json.
-#   3. When kustomize or kubectl is on PATH: the rendered `kustomize build` of deploy/base and
-#      of each deploy/overlays/* (generated ConfigMap, labels, image tag, the MLflow overlay's
-#      patch) through both validators again.
+#   3. validate-istio.mjs --operator-only on deploy/monitoring/*.yaml that are Prometheus
+#      Operator resources (PodMonitor, PrometheusRule: @kubernetes-models/prometheus-operator),
+#      and `promtool check rules` on the plain rules file when promtool is on PATH.
+#   4. When kustomize or kubectl is on PATH: the rendered `kustomize build` of deploy/base, of
+#      each deploy/overlays/* (generated ConfigMap, labels, image tag, the MLflow overlay's
+#      patch) and of deploy/monitoring (the dashboard ConfigMap) through both validators again.
 #
 # Every step runs; the exit status is non-zero if any of them failed.
 # Environment: K8S_VERSION (default 1.33.0), KUBERNETES_VALIDATE (command to run instead of
@@ -45,15 +48,16 @@ else
 fi
 
 # kubernetes-validate exits 0 when it has no schema for a kind (it only warns), so any
-# WARN line counts as a failure here; Istio kinds are allowed to warn in rendered output.
+# WARN line counts as a failure here; Istio and Prometheus Operator kinds (checked by
+# validate-istio.mjs instead) are allowed to warn in rendered output.
 run_kubernetes_validate() {
-  local allow_istio="$1"
+  local allow_crds="$1"
   shift
   local out rc
   out="$("${kv[@]}" --strict --quiet -k "$k8s_version" "$@" 2>&1)"
   rc=$?
-  if [[ "$allow_istio" == yes ]]; then
-    out="$(grep -Ev '^WARN .* with api version [a-z0-9.-]+\.istio\.io/' <<<"$out")"
+  if [[ "$allow_crds" == yes ]]; then
+    out="$(grep -Ev '^WARN .* with api version ([a-z0-9.-]+\.istio\.io|monitoring\.coreos\.com)/' <<<"$out")"
   fi
   if [[ -n "$out" ]]; then
     echo "$out" >&2
@@ -92,7 +96,20 @@ else
   node "$here/validate-istio.mjs" --istio-only "${istio_files[@]}" || fail "Istio manifests in deploy/base"
 fi
 
-# 3. The rendered kustomizations: the base and each overlay (overlays/mlflow: the MLflow registry).
+# 3. The Prometheus Operator resources and the plain rules file.
+monitoring="deploy/monitoring"
+if command -v node >/dev/null 2>&1 && [[ -d "$here/node_modules" ]]; then
+  node "$here/validate-istio.mjs" --operator-only "$monitoring/podmonitor.yaml" \
+    "$monitoring/prometheusrule.yaml" || fail "Prometheus Operator manifests in $monitoring"
+fi
+if command -v promtool >/dev/null 2>&1; then
+  promtool check rules "$monitoring/prometheus-rules.yaml" || fail "promtool check rules"
+else
+  echo "skip promtool check rules (promtool not on PATH: make system-deps)"
+fi
+
+# 4. The rendered kustomizations: the base, each overlay (overlays/mlflow: the MLflow registry)
+#    and the monitoring resources.
 render=()
 if command -v kustomize >/dev/null 2>&1; then
   render=(kustomize build)
@@ -104,7 +121,7 @@ if [[ ${#render[@]} -eq 0 ]]; then
 else
   rendered="$(mktemp --suffix=.yaml)"
   trap 'rm -f "$rendered"' EXIT
-  for target in "$base" "$deploy"/overlays/*/; do
+  for target in "$base" "$deploy"/overlays/*/ "$monitoring"; do
     [[ -f "$target/kustomization.yaml" ]] || continue
     target="${target%/}"
     target="${target#"$repo"/}"
