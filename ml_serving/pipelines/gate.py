@@ -77,6 +77,10 @@ class Margins:
     """Highest mean |served score - shadow score|."""
 
 
+DEFAULT_MARGINS: Final = Margins()
+"""The gate's stated margins (a run may pass others)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Quality:
     """One model's figures on the gate's held-out set."""
@@ -394,7 +398,7 @@ def checks(
     *,
     same_set: bool,
     evaluation: str,
-    margins: Margins = Margins(),
+    margins: Margins = DEFAULT_MARGINS,
     require_shadow: bool = False,
 ) -> list[Check]:
     """Every check of the gate (see the module docstring), in report order."""
@@ -467,7 +471,7 @@ def judge(
     *,
     challenger: str | None = None,
     shadow_sources: Sequence[str] = (),
-    margins: Margins = Margins(),
+    margins: Margins = DEFAULT_MARGINS,
     require_shadow: bool = False,
     reevaluate: bool | None = None,
     override: str | None = None,
@@ -574,7 +578,11 @@ def report_markdown(result: GateResult, *, where: str = "") -> str:
         "",
         "| check | result | detail |",
         "| --- | --- | --- |",
-        *(f"| {c.name} | {mark[c.passed]} | {c.detail} |" for c in result.checks),
+        # A cell's own pipes (|gap|) would split it: escaped as Markdown tables want.
+        *(
+            f"| {c.name} | {mark[c.passed]} | {c.detail.replace('|', chr(92) + '|')} |"
+            for c in result.checks
+        ),
         "",
         "| figure | champion | challenger |",
         "| --- | --- | --- |",

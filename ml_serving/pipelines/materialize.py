@@ -1,0 +1,147 @@
+"""Feature refresh: write or load the event tables, apply the Feast repository, materialize.
+
+The event tables are the simulator's (``training.simulator.simulate_events`` written by
+``write_event_tables`` as Parquet into the repository's ``data/``) when a seed is given, else
+the tables already there. ``feast apply`` and ``feast materialize-incremental`` run as Feast's
+own command line in a child process with the repository as its working directory (Feast's
+apply changes the working directory of the process that runs it). Materialization is
+incremental: each run loads what is newer than the last run's end, up to the newest event.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from ml_serving.training import simulator
+
+REPO: Final = Path(__file__).resolve().parents[2] / "feature_repo"
+"""The project's Feast repository."""
+TABLES: Final = ("users", "tips", "impressions")
+FEAST_TIMEOUT_S: Final = 600.0
+"""Longest one Feast command may run."""
+
+
+@dataclass
+class FeaturesRun:
+    """What one feature refresh wrote, applied and materialized."""
+
+    repo: Path
+    seed: int | None
+    """The simulator seed the tables were written from; None when they were loaded."""
+    rows: dict[str, int]
+    end: dt.datetime
+    """Materialized up to here (the newest event timestamp)."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    output: str = ""
+    """What Feast printed (views and intervals materialized)."""
+
+    def summary(self) -> dict[str, Any]:
+        """The run's figures as plain values."""
+        return {
+            "repo": str(self.repo),
+            "seed": self.seed,
+            "rows": self.rows,
+            "materialized_to": self.end.isoformat(),
+            "seconds": self.seconds,
+        }
+
+
+def feast(repo: Path, *args: str) -> str:
+    """Run Feast's command line on ``repo``; RuntimeError with its output when it fails."""
+    command = [sys.executable, "-c", "from feast.cli.cli import cli; cli()", *args]
+    done = subprocess.run(
+        command,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=FEAST_TIMEOUT_S,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"feast {' '.join(args)} failed ({done.returncode}): "
+            f"{(done.stderr or done.stdout).strip()[-2000:]}"
+        )
+    return done.stdout
+
+
+def _tables(data: Path) -> tuple[dict[str, int], dt.datetime]:
+    import pandas as pd
+
+    rows: dict[str, int] = {}
+    newest: dt.datetime | None = None
+    for name in TABLES:
+        path = data / f"{name}.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no event table (run with a seed to write them)")
+        frame = pd.read_parquet(path, columns=["event_timestamp"])
+        rows[name] = len(frame)
+        if len(frame):
+            last = pd.Timestamp(frame["event_timestamp"].max()).to_pydatetime()
+            newest = last if newest is None or last > newest else newest
+    if newest is None:
+        raise ValueError(f"{data}: the event tables hold no rows")
+    return rows, newest
+
+
+def run_features(
+    repo: Path | None = None,
+    *,
+    seed: int | None = None,
+    config: simulator.SimulatorConfig | None = None,
+) -> FeaturesRun:
+    """Write the event tables of ``seed`` (or load those in ``data/``), ``feast apply`` and
+    materialize incrementally up to the newest event."""
+    repo = repo or REPO
+    data = repo / "data"
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    if seed is not None:
+        tables = simulator.simulate_events(seed, config)
+        simulator.write_event_tables(tables, data)
+        seconds["write_event_tables"] = round(time.perf_counter() - started, 2)
+    rows, newest = _tables(data)
+    started = time.perf_counter()
+    output = feast(repo, "apply")
+    seconds["apply"] = round(time.perf_counter() - started, 2)
+    end = newest.astimezone(dt.UTC) + dt.timedelta(seconds=1)
+    started = time.perf_counter()
+    output += feast(repo, "materialize-incremental", end.strftime("%Y-%m-%dT%H:%M:%S"))
+    seconds["materialize_incremental"] = round(time.perf_counter() - started, 2)
+    return FeaturesRun(
+        repo=repo, seed=seed, rows=rows, end=end, seconds=seconds, output=output.strip()
+    )
+
+
+def report_markdown(run: FeaturesRun) -> str:
+    """The feature refresh's report."""
+    source = (
+        f"written from the simulator (seed {run.seed})"
+        if run.seed is not None
+        else "loaded from data/"
+    )
+    lines = [
+        f"# Feature refresh: {run.repo.name}",
+        "",
+        f"Event tables {source}; applied and materialized incrementally up to "
+        f"{run.end.isoformat()}.",
+        "",
+        "| table | rows |",
+        "| --- | --- |",
+        *(f"| {name} | {count} |" for name, count in run.rows.items()),
+        "",
+        "| step | seconds |",
+        "| --- | --- |",
+        *(f"| {step} | {s} |" for step, s in run.seconds.items()),
+        "",
+        "```",
+        run.output[-4000:],
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
