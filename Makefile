@@ -26,7 +26,7 @@ PROTO_SRC := $(wildcard protos/mlserving/v1/*.proto)
 PROTO_OUT := ml_serving/_proto
 
 .PHONY: help install system-deps install-runtime proto proto-ts check-gen lint breaking test test-py test-ts \
-	run train promote models lock bench bench-check bench-smoke stress soak docker ci clean
+	run train promote models pipeline lock bench bench-check bench-smoke stress soak docker ci clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -134,6 +134,13 @@ promote: $(RUN_STAMP) ## make VERSION the served one (validated; a running serve
 
 models: $(RUN_STAMP) ## list the model versions (* marks the promoted one)
 	$(PY) -m ml_serving.scoring list --root $(MODEL_ROOT) --name $(MODEL_NAME)
+
+# Prefect and Feast are in the dev venv (and the pipelines extra), never in the runtime one.
+FLOW ?=
+ARGS ?=
+pipeline: $(DEV_STAMP) ## run one flow now: make pipeline FLOW=features|train|promote|rewards [ARGS=...]
+	@test -n "$(FLOW)" || { echo "usage: make pipeline FLOW=features|train|promote|rewards [ARGS='...']" >&2; exit 2; }
+	$(PY) -m ml_serving.pipelines $(FLOW) $(ARGS)
 
 bench: $(DEV_STAMP) ## full benchmark (< 10 min): bench/results.json, RESULTS.md, latency.png
 	$(PY) -m bench
