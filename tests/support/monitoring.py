@@ -100,7 +100,7 @@ def variable_metric_names() -> set[str]:
 def exported_names(text: str) -> set[str]:
     """Every series name a /metrics text exports, including those of labelled families that
     have no child yet (prometheus_client writes their HELP and TYPE lines only)."""
-    names = set()
+    names: set[str] = set()
     for family in text_string_to_metric_families(text):
         names.update(sample.name for sample in family.samples)
         names.update(family.name + suffix for suffix in _SUFFIXES.get(family.type, ("",)))
