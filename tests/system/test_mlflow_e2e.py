@@ -35,7 +35,13 @@ from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from ml_serving.api.rpc import SERVICE
 from ml_serving.scoring import features
 from ml_serving.scoring.model import Model
-from ml_serving.scoring.registry import InvalidModelError, dump_card, write_weights
+from ml_serving.scoring.registry import (
+    InvalidModelError,
+    ModelRegistry,
+    dump_card,
+    write_weights,
+)
+from ml_serving.training.reproducibility import model_differences
 from tests.support import REPO
 from tests.support.mlflow_server import MlflowServer
 from tests.support.requests import score_request
@@ -218,9 +224,9 @@ def test_training_logs_a_run_and_registers_a_version(registry: Any, trained: str
     model = registry.load(NAME, trained)  # downloaded and validated like the server does
     assert model.card["version"] == trained
     assert model.card["metrics"]["heldout"]["auc"] == run.data.metrics["auc"]
-    # The same model the file registry ships (same seed, same code): only the version differs.
-    shipped = json.loads((REPO / "models" / NAME / "1" / "card.json").read_text())
-    assert model.card["weights_sha256"] == shipped["weights_sha256"]
+    # The same model the file registry ships (same seed, same code), within the tolerance of
+    # training/reproducibility.py: not its weights' hash, which the CPU's kernels decide.
+    assert model_differences(model, ModelRegistry(REPO / "models").load(NAME, "1")) == []
     events = [e["event"] for e in model.card["rollout_history"]]
     assert events == ["trained", "promoted"]
 

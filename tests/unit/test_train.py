@@ -13,6 +13,7 @@ from ml_serving.scoring import features
 from ml_serving.scoring import model as scoring
 from ml_serving.scoring.registry import ModelRegistry
 from ml_serving.training import simulator, train
+from ml_serving.training.reproducibility import EXACT, model_differences
 from tests.support import REPO
 
 SHIPPED = REPO / "models"
@@ -35,55 +36,24 @@ def retrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-# --- reproducibility ------------------------------------------------------------------------------
-
-REPRODUCED_SECTIONS = [
-    "metrics",
-    "calibration",
-    "fairness",
-    "model_selection",
-    "training_data",
-    "training",
-    "inputs",
-]
+# --- reproducibility (the definition: ml_serving/training/reproducibility.py) ---------------------
 
 
-@pytest.mark.parametrize("section", REPRODUCED_SECTIONS)
-def test_retraining_reproduces_the_shipped_card(
-    retrained: Path, shipped_card: dict[str, Any], section: str
-) -> None:
-    card = json.loads((retrained / NAME / "1" / "card.json").read_text())
-    if section == "inputs":
-        # Normalisation parameters are full-precision floats: equal up to BLAS-free float noise.
-        for group in ("context", "candidate"):
-            for got, want in zip(card[section][group], shipped_card[section][group], strict=True):
-                assert got["name"] == want["name"]
-                assert got["mean"] == pytest.approx(want["mean"], rel=1e-12, abs=1e-15)
-                assert got["std"] == pytest.approx(want["std"], rel=1e-12)
-        return
-    assert card[section] == shipped_card[section]
-
-
-def test_retraining_reproduces_weights_and_reference_predictions(
-    retrained: Path, shipped_card: dict[str, Any]
-) -> None:
+def test_retraining_reproduces_the_shipped_model(retrained: Path) -> None:
     new = ModelRegistry(retrained).load(NAME, "1")
     old = ModelRegistry(SHIPPED).load(NAME, "1")
-    np.testing.assert_allclose(new.weights.coef, old.weights.coef, rtol=1e-10, atol=1e-12)
-    assert new.weights.intercept == pytest.approx(old.weights.intercept, rel=1e-10)
-    got = [r["prediction"] for r in new.card["reference_rows"]]
-    want = [r["prediction"] for r in shipped_card["reference_rows"]]
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    # Weights, normalisation, reference predictions and every card section, each within its
+    # tolerance: the shipped files may come from another CPU, whose kernels add in another order.
+    assert model_differences(new, old) == []
     assert ModelRegistry(retrained).promoted_version(NAME) == "1"
 
 
 def test_same_seed_same_bits_in_process() -> None:
     a = train.train(3, config=SMALL)
     b = train.train(3, config=SMALL)
-    np.testing.assert_array_equal(a.model.weights.coef, b.model.weights.coef)
-    assert a.model.card == b.model.card
+    assert model_differences(a.model, b.model, EXACT) == []  # one CPU, one set of kernels
     c = train.train(4, config=SMALL)
-    assert c.model.card["metrics"] != a.model.card["metrics"]
+    assert any(d.startswith("metrics.heldout.auc: ") for d in model_differences(c.model, a.model))
 
 
 # --- the shipped card -----------------------------------------------------------------------------
