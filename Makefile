@@ -22,6 +22,7 @@ TS_STAMP := $(TS_CLIENT)/node_modules/.package-lock.json
 MODEL_ROOT ?= models
 MODEL_NAME ?= tips-ranker
 VERSION ?=
+SEED ?= 20240611
 PROTO_SRC := $(wildcard protos/mlserving/v1/*.proto)
 PROTO_OUT := ml_serving/_proto
 
@@ -115,17 +116,32 @@ breaking: $(NODE_STAMP) ## buf breaking against the main branch (skipped before 
 
 test: test-py test-ts ## run the whole suite: pytest, then the Node contract tests on a live server
 
-test-py: $(DEV_STAMP) system-deps ## pytest: unit, rpc and system tests
+test-py: $(DEV_STAMP) system-deps $(FEATURE_DB) ## pytest: unit, rpc and system tests
 	$(BIN)/pytest -q
 
 test-ts: $(DEV_STAMP) $(TS_STAMP) ## tsc --strict and node --test against a real server
 	cd $(TS_CLIENT) && npm test
 
-run: $(RUN_STAMP) ## serve every RPC on the embedded defaults (runtime lock only, no Node)
+# The embedded online feature store ships compressed (2 MB instead of 16); `make run` and the
+# tests unpack it. `make features` rewrites it from the simulator's event tables through Feast.
+FEATURE_DB := feature_repo/data/online_store.db
+$(FEATURE_DB): $(FEATURE_DB).gz
+	gunzip -c $< > $@.tmp && mv $@.tmp $@
+
+features: $(DEV_STAMP) ## event tables (simulator, shipped seed) -> feast apply -> materialize the online store
+	$(PY) -m ml_serving.training.feature_store --repo feature_repo --seed $(SEED)
+	gzip -9 -n -c $(FEATURE_DB) > $(FEATURE_DB).gz
+
+run: $(RUN_STAMP) $(FEATURE_DB) ## serve every RPC on the embedded defaults (runtime lock only, no Node)
 	$(PY) -m ml_serving
 
-train: $(RUN_STAMP) ## train the next version of the model from the simulator (shipped seed), unpromoted
-	$(PY) -m ml_serving.training --root $(MODEL_ROOT) --name $(MODEL_NAME)
+# The offline store's event tables (the simulator's, SEED), written once; `make features` renews them.
+FEATURE_EVENTS := feature_repo/data/manifest.json
+$(FEATURE_EVENTS): | $(DEV_STAMP)
+	$(PY) -m ml_serving.training.feature_store --repo feature_repo --seed $(SEED) --no-materialize
+
+train: $(DEV_STAMP) $(FEATURE_EVENTS) ## train the next version from the offline feature store (point-in-time join), unpromoted
+	$(PY) -m ml_serving.training --root $(MODEL_ROOT) --name $(MODEL_NAME) --repo feature_repo
 
 promote: $(RUN_STAMP) ## make VERSION the served one (validated; a running server swaps it in)
 	@test -n "$(VERSION)" || { echo "usage: make promote VERSION=N" >&2; exit 2; }

@@ -10,6 +10,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
+REPO_FEATURES = Path(__file__).resolve().parent.parent / "feature_repo"
 
 
 class Settings(BaseSettings):
@@ -100,6 +101,28 @@ class Settings(BaseSettings):
     logs runs and registers versions when set. Credentials: MLflow's own MLFLOW_TRACKING_* vars."""
     max_candidates: int = Field(default=1000, ge=1)
     """Most candidates one Score request may carry."""
+    feature_repo: Path | None = REPO_FEATURES
+    """The Feast repository whose online store Score and Generate read (its feature_store.yaml:
+    sqlite or Redis); empty turns lookups off (every model input must then come with the
+    request). Default: the project's feature_repo/ (sqlite, data/online_store.db)."""
+    feature_store_yaml: Path | None = None
+    """Another feature_store.yaml for feature_repo (production: the Redis one, mounted from a
+    ConfigMap); ``${VAR}`` in it is read from the environment, as Feast does. Default:
+    feature_repo/feature_store.yaml."""
+    feature_budget_ms: float = Field(default=5.0, gt=0)
+    """Longest a user lookup may take on the hot path (no retries); past it the call goes on
+    with training means, counted."""
+    feature_breaker_failures: int = Field(default=5, ge=1)
+    """Consecutive failed lookups that open the breaker (lookups are then skipped)."""
+    feature_breaker_open_s: float = Field(default=5.0, gt=0)
+    """How long the open breaker skips lookups before it tries one again."""
+    feature_tip_refresh_s: float = Field(default=60.0, gt=0)
+    """How often the tip view, held in memory, is reloaded from the store (a new tip is
+    defaulted until then)."""
+    feature_max_age_s: float = Field(default=0.0, ge=0)
+    """Stored rows older than this are treated as missing (counted stale); 0 keeps every row,
+    as Feast's own online read does. Production: a bound above the materialization interval
+    (the views' TTL is 2 days)."""
     score_shadow_share: float = Field(default=0.0, ge=0, le=1)
     """Share of Score calls the shadow model version re-scores once the answer is on its way
     (the registry's SHADOW pointer; on MLflow the `challenger` alias), for the rank-agreement

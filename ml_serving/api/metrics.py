@@ -12,6 +12,8 @@ from prometheus_client.registry import Collector
 
 from ml_serving.api.rpc import METHOD_TYPES, SERVICE, Gate
 from ml_serving.experiments.runtime import Experiments
+from ml_serving.features.lookup import FeatureLookup
+from ml_serving.scoring.features import USER_FEATURE_VIEW, USER_PROFILE_VIEW
 from ml_serving.scoring.registry import ModelHolder
 from ml_serving.scoring.shadow import Comparison, ShadowScorer
 
@@ -184,6 +186,62 @@ class _ShadowModelState(Collector):
         yield polls
 
 
+class _FeatureStoreState(Collector):
+    """The online feature store's lookups, errors and defaults, read at scrape time."""
+
+    def __init__(self, lookup: FeatureLookup) -> None:
+        self._lookup = lookup
+
+    def collect(self) -> Iterator[Any]:
+        lookup = self._lookup
+        lookups = CounterMetricFamily(
+            "mlserving_feature_lookups",
+            "Online feature store lookups by view and result: hit, miss (no row), stale (older "
+            "than ML_SERVING_FEATURE_MAX_AGE_S), error, skipped (breaker open).",
+            labels=["view", "result"],
+        )
+        for view in (USER_FEATURE_VIEW, USER_PROFILE_VIEW):
+            for result in ("hit", "miss", "stale", "error", "skipped"):
+                lookups.add_metric([view, result], lookup.lookups[(view, result)])
+        yield lookups
+        errors = CounterMetricFamily(
+            "mlserving_feature_store_errors",
+            "Online feature store faults by cause: timeout (over the budget), unavailable, "
+            "malformed (a stored value that does not decode), internal.",
+            labels=["cause"],
+        )
+        for cause in ("timeout", "unavailable", "malformed", "internal"):
+            errors.add_metric([cause], lookup.errors[cause])
+        yield errors
+        defaults = CounterMetricFamily(
+            "mlserving_feature_defaults",
+            "Score feature values that neither the request nor the store had (training mean "
+            "used), by group: context, candidate.",
+            labels=["group"],
+        )
+        for group in ("context", "candidate"):
+            defaults.add_metric([group], lookup.defaults[group])
+        yield defaults
+        breaker = GaugeMetricFamily(
+            "mlserving_feature_breaker_open",
+            "1 while the feature store's breaker skips lookups, else 0.",
+        )
+        breaker.add_metric([], 1.0 if lookup.breaker.is_open else 0.0)
+        yield breaker
+        tips = GaugeMetricFamily(
+            "mlserving_feature_tips_loaded",
+            "Tips held in memory from the tip view (the last successful reload).",
+        )
+        tips.add_metric([], len(lookup.tips.index))
+        yield tips
+        age = GaugeMetricFamily(
+            "mlserving_feature_tips_loaded_timestamp_seconds",
+            "Unix time of the last successful reload of the tip view (0: none yet).",
+        )
+        age.add_metric([], lookup.tips.loaded_at)
+        yield age
+
+
 class Metrics:
     """Owns one registry; observes RPCs (rpc.Gate observers) and LLM calls (Generator)."""
 
@@ -340,6 +398,10 @@ class Metrics:
         self._shadow_children: dict[str, tuple[Any, Any, Any]] = {}
         self.registry.register(_ShadowModelState(shadow))
         shadow.observer = self
+
+    def watch_features(self, lookup: FeatureLookup) -> None:
+        """Export the online feature store's counters at scrape time."""
+        self.registry.register(_FeatureStoreState(lookup))
 
     def shadow_compared(self, version: str, comparison: Comparison) -> None:
         """Observe one shadow comparison (the ShadowScorer's observer)."""

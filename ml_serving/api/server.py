@@ -17,6 +17,9 @@ from ml_serving.api.metrics import Metrics
 from ml_serving.api.servicer import InferenceServicer
 from ml_serving.config import Settings
 from ml_serving.experiments.runtime import Experiments
+from ml_serving.features.lookup import FeatureLookup, LookupPolicy
+from ml_serving.features.repo import StoreConfig
+from ml_serving.features.stores import open_store
 from ml_serving.generation.prompts.registry import PromptRegistry
 from ml_serving.generation.service import Generator
 from ml_serving.scoring import mlflow_registry
@@ -86,6 +89,8 @@ class App:
     """The prompt experiment's selector, decision log and shadow runner."""
     shadow: ShadowScorer | None = None
     """Score's shadow model version; None when ML_SERVING_SCORE_SHADOW_SHARE is 0."""
+    features: FeatureLookup | None = None
+    """The online feature store's lookups; None when ML_SERVING_FEATURE_REPO is empty."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -107,6 +112,8 @@ class App:
         await self.server.stop(grace)
         if self.experiments is not None:
             await self.experiments.close()
+        if self.features is not None:
+            await self.features.close()
         self.metrics.close()
         self._stopped.set()
         logger.info("stopped")
@@ -178,6 +185,9 @@ async def start(settings: Settings) -> App:
             max_in_flight_rpcs=settings.score_shadow_max_in_flight_rpcs,
         )
         metrics.watch_shadow(shadow)
+    lookup = open_feature_lookup(settings)
+    if lookup is not None:
+        metrics.watch_features(lookup)
     generator.observer = metrics
     server = grpc.aio.server(options=grpc_options(settings))
     score_bound = rpc.TooLarge(
@@ -185,7 +195,7 @@ async def start(settings: Settings) -> App:
         f"a Score request of at most {settings.max_candidates} candidates",
     )
     rpc.add_service(
-        InferenceServicer(settings, gate, models, prompts, generator, shadow),
+        InferenceServicer(settings, gate, models, prompts, generator, shadow, lookup),
         server,
         size_bounds={"Score": score_bound},
     )
@@ -201,6 +211,7 @@ async def start(settings: Settings) -> App:
     app = App(settings, server, port, health_servicer, gate, models, prompts, generator, metrics)
     app.experiments = experiments
     app.shadow = shadow
+    app.features = lookup
     if settings.metrics_port:
         app.metrics_port = metrics.serve(settings.host, settings.metrics_port)
     app._tasks.append(asyncio.create_task(_warm_up(app), name="llm-warm-up"))
@@ -213,6 +224,9 @@ async def start(settings: Settings) -> App:
     if shadow is not None:
         shadow_watch = shadow.watch(settings.model_poll_s, settings.model_poll_max_backoff_s)
         app._tasks.append(asyncio.create_task(shadow_watch, name="shadow-model-watch"))
+    if lookup is not None:
+        # Off the request path and off readiness: Score serves (with defaults) before it ends.
+        app._tasks.append(asyncio.create_task(lookup.watch_tips(), name="tip-view-refresh"))
     logger.info(
         "listening",
         extra={
@@ -222,6 +236,27 @@ async def start(settings: Settings) -> App:
         },
     )
     return app
+
+
+def open_feature_lookup(settings: Settings) -> FeatureLookup | None:
+    """The lookups on ML_SERVING_FEATURE_REPO's online store, or None when it is empty. A
+    feature_store.yaml that cannot be served from stops start-up (a configuration error); a
+    store that is down does not (lookups default until it answers)."""
+    if settings.feature_repo is None or str(settings.feature_repo) in ("", "."):
+        return None
+    config = StoreConfig.load(settings.feature_repo, settings.feature_store_yaml)
+    policy = LookupPolicy(
+        budget_s=settings.feature_budget_ms / 1000.0,
+        breaker_failures=settings.feature_breaker_failures,
+        breaker_open_s=settings.feature_breaker_open_s,
+        tip_refresh_s=settings.feature_tip_refresh_s,
+        max_age_s=settings.feature_max_age_s,
+    )
+    logger.info(
+        "feature store",
+        extra={"kind": config.kind, "project": config.project, "repo": str(settings.feature_repo)},
+    )
+    return FeatureLookup(open_store(config), policy)
 
 
 def _add_port(server: grpc.aio.Server, settings: Settings) -> int:

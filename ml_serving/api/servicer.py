@@ -16,11 +16,18 @@ from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from ml_serving.api import rpc
 from ml_serving.config import Settings
 from ml_serving.experiments.assignment import HowChosen
+from ml_serving.features.lookup import FeatureLookup
 from ml_serving.generation.context import TipSignals
 from ml_serving.generation.prompts.registry import PromptRegistry
 from ml_serving.generation.service import GenerationRequest, GenerationResult, Generator
 from ml_serving.observability import logs, tracing
-from ml_serving.scoring.model import refuse_too_many_candidates, score, score_columnar
+from ml_serving.scoring.model import (
+    AlignedRequest,
+    ScoreResult,
+    align_columnar_request,
+    align_request,
+    refuse_too_many_candidates,
+)
 from ml_serving.scoring.registry import ModelHolder
 from ml_serving.scoring.shadow import ShadowScorer
 
@@ -60,9 +67,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         prompts: PromptRegistry,
         generator: Generator,
         shadow: ShadowScorer | None = None,
+        features: FeatureLookup | None = None,
     ) -> None:
         self.gate = gate
         self.shadow = shadow
+        self.features = features
         self._settings = settings
         self._models = models
         self._prompts = prompts
@@ -85,6 +94,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if layout not in _LAYOUTS:
             raise errors.InvalidArgument("response_layout", f"unknown value {layout}")
         n = len(request.candidate_ids) if columnar else len(request.candidates)
+        lookup = self.features
         # Counted before anything is built per candidate: an oversized request costs no more.
         refuse_too_many_candidates(
             context_feature_names=request.context_feature_names,
@@ -93,38 +103,56 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             n_candidates=n,
             max_candidates=max_candidates,
             columnar=columnar,
+            lenient=lookup is not None,
         )
+        lenient = lookup is not None
         with tracing.child_span("score.model", candidates=n):
             if columnar:
                 ids = request.candidate_ids[:]
-                result = score_columnar(
-                    model,
+                aligned = align_columnar_request(
                     context_feature_names=request.context_feature_names,
                     context_values=request.context_values,
                     candidate_feature_names=request.candidate_feature_names,
                     candidate_ids=ids,
                     candidate_values=request.candidate_values,
                     max_candidates=max_candidates,
+                    lenient=lenient,
                 )
             else:
                 # A list first: iterating the repeated field builds a wrapper per element.
                 candidates = request.candidates[:]
                 ids = [c.id for c in candidates]
-                result = score(
-                    model,
+                aligned = align_request(
                     context_feature_names=request.context_feature_names,
                     context_values=request.context_values,
                     candidate_feature_names=request.candidate_feature_names,
                     candidate_ids=ids,
                     candidate_values=[c.values for c in candidates],
                     max_candidates=max_candidates,
+                    lenient=lenient,
                 )
+            defaulted = 0
+            if lookup is not None:
+                # Whatever the request left out, from the store (never an error because of it).
+                done = await lookup.complete(
+                    request.user_id, ids, aligned.context, aligned.candidates, model.fallback
+                )
+                aligned = AlignedRequest(done.context, done.candidates)
+                defaulted = done.defaulted
+            result = ScoreResult(
+                model.predict(aligned.context, aligned.candidates),
+                model.name,
+                model.version,
+                aligned,
+            )
         logs.annotate(model=f"{result.model_name}:{result.model_version}", candidates=n)
         shadow = self.shadow
         if shadow is not None:  # off: this check only; on: a draw, the work after the answer
             shadow.offer(result, self.gate.in_flight)
         response = pb.ScoreResponse(
-            model_name=result.model_name, model_version=result.model_version
+            model_name=result.model_name,
+            model_version=result.model_version,
+            defaulted_features=defaulted,
         )
         if layout == scoring_pb2.SCORE_LAYOUT_COLUMNS:
             response.candidate_ids.extend(ids)

@@ -62,6 +62,7 @@ def refuse_too_many_candidates(
     n_candidates: int,
     max_candidates: int,
     columnar: bool = False,
+    lenient: bool = False,
 ) -> None:
     """Raise the error ``align_request`` (``align_columnar_request`` if `columnar`) would give
     a request of `n_candidates` candidates when that is over `max_candidates`, without reading
@@ -77,6 +78,7 @@ def refuse_too_many_candidates(
         candidate_ids=count,
         candidate_values=count,
         max_candidates=max_candidates,
+        lenient=lenient,
     )
     raise AssertionError("unreachable: the count check raises")  # pragma: no cover
 
@@ -164,6 +166,39 @@ class Model:
         return sigmoid(z)
 
     @functools.cached_property
+    def fallback(self) -> tuple[Float32Array, Float32Array]:
+        """Raw context and candidate rows for values neither a request nor the feature store
+        has: each feature's training mean from the card (``training_mean``); for a card
+        without one, the feature's default, else the mean its normalisation was fitted on."""
+        norm = self.weights.normalization
+        rows = []
+        for group, mean in (
+            (Group.CONTEXT, norm.context_mean),
+            (Group.CANDIDATE, norm.candidate_mean),
+        ):
+            described = {}
+            inputs = self.card.get("inputs") if isinstance(self.card, Mapping) else None
+            if isinstance(inputs, Mapping):
+                described = {
+                    e.get("name"): e.get("training_mean")
+                    for e in inputs.get(group.value, ())
+                    if isinstance(e, Mapping)
+                }
+            row = np.empty(len(features.specs(group)), dtype=DTYPE)
+            for i, spec in enumerate(features.specs(group)):
+                value = described.get(spec.name)
+                if isinstance(value, int | float) and np.isfinite(value):
+                    row[i] = value
+                elif spec.default is not None:
+                    row[i] = spec.default
+                elif spec.transform is features.Transform.LOG1P:
+                    row[i] = np.expm1(mean[i])
+                else:
+                    row[i] = mean[i]
+            rows.append(row)
+        return rows[0], rows[1]
+
+    @functools.cached_property
     def _fold(self) -> features.ContextFold:
         return features.ContextFold.of(self.weights.coef, self.weights.intercept)
 
@@ -228,7 +263,7 @@ class _Alignment:
 
 
 @functools.lru_cache(maxsize=1024)
-def _alignment(group: Group, names: tuple[str, ...]) -> _Alignment:
+def _alignment(group: Group, names: tuple[str, ...], lenient: bool = False) -> _Alignment:
     # Cached: callers send the same few name tuples thousands of times a second. Errors are
     # raised, not cached, so a bad request pays the full check each time (fine: it is rare).
     field = _NAMES_FIELD[group]
@@ -247,12 +282,21 @@ def _alignment(group: Group, names: tuple[str, ...]) -> _Alignment:
                 f"unknown feature {echo(name)}; known: {', '.join(f.name for f in group_specs)}",
             )
         first_seen[name] = i
-    missing = [f.name for f in group_specs if f.required and f.name not in first_seen]
+    # With a feature store (lenient), only the request-time features must come with the
+    # request; whatever else is left out stays NaN here and is filled from the store.
+    missing = [
+        f.name
+        for f in group_specs
+        if f.name not in first_seen
+        and (features.SOURCES[f.name] is features.Source.REQUEST if lenient else f.required)
+    ]
     if missing:
-        raise InvalidArgument(field, f"missing required feature(s): {', '.join(missing)}")
+        what = "request-time" if lenient else "required"
+        raise InvalidArgument(field, f"missing {what} feature(s): {', '.join(missing)}")
     positions = np.array([index[n] for n in names], dtype=np.intp)
     identity = len(names) == len(group_specs) and bool((positions == np.arange(len(names))).all())
-    return _Alignment(names, None if identity else positions, features.defaults(group))
+    base = np.full(len(group_specs), np.nan, dtype=DTYPE) if lenient else features.defaults(group)
+    return _Alignment(names, None if identity else positions, base)
 
 
 def _floats(rows: Iterable[Sequence[float]], count: int) -> Float64Array:
@@ -293,6 +337,7 @@ def align_request(
     candidate_ids: Sequence[str],
     candidate_values: Sequence[Sequence[float]],
     max_candidates: int,
+    lenient: bool = False,
 ) -> AlignedRequest:
     """Validate a Score request and put its values in model order, defaults filled in.
 
@@ -301,7 +346,7 @@ def align_request(
     first offending proto field path (names, then context values, then candidate count, ids,
     value counts and values); never fills a required feature with a made-up value.
     """
-    ctx_align = _alignment(Group.CONTEXT, tuple(context_feature_names))
+    ctx_align = _alignment(Group.CONTEXT, tuple(context_feature_names), lenient)
     n_ctx = len(ctx_align.names)
     if len(context_values) != n_ctx:
         raise InvalidArgument(
@@ -310,7 +355,7 @@ def align_request(
             f"got {len(context_values)}",
         )
     try:
-        cand_align = _alignment(Group.CANDIDATE, tuple(candidate_feature_names))
+        cand_align = _alignment(Group.CANDIDATE, tuple(candidate_feature_names), lenient)
         k = len(cand_align.names)
         n = _check_candidate_shape(cand_align, candidate_ids, candidate_values, max_candidates)
     except InvalidArgument:
@@ -336,12 +381,13 @@ def align_columnar_request(
     candidate_ids: Sequence[str],
     candidate_values: Sequence[float],
     max_candidates: int,
+    lenient: bool = False,
 ) -> AlignedRequest:
     """``align_request`` for the columnar form: ``candidate_values`` holds every candidate's
     values row-major, ``len(candidate_ids)`` rows of ``len(candidate_feature_names)``. Errors
     name the columnar fields (``candidate_ids[i]``, ``candidate_values[j]`` and the candidate
     it falls in), in the same order as ``align_request``'s."""
-    ctx_align = _alignment(Group.CONTEXT, tuple(context_feature_names))
+    ctx_align = _alignment(Group.CONTEXT, tuple(context_feature_names), lenient)
     n_ctx = len(ctx_align.names)
     if len(context_values) != n_ctx:
         raise InvalidArgument(
@@ -350,7 +396,7 @@ def align_columnar_request(
             f"got {len(context_values)}",
         )
     try:
-        cand_align = _alignment(Group.CANDIDATE, tuple(candidate_feature_names))
+        cand_align = _alignment(Group.CANDIDATE, tuple(candidate_feature_names), lenient)
         k = len(cand_align.names)
         n = _check_candidate_count(len(candidate_ids), max_candidates, "candidate_ids")
         _check_ids(candidate_ids, n, "candidate_ids[{}]")

@@ -175,3 +175,48 @@ def interactions_from_frame(joined: Any) -> simulator.Interactions:
         user_id=user_index,
         request_id=joined["request_id"].to_numpy(dtype=np.int64),
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ml_serving.training.feature_store``: event tables -> apply -> materialize."""
+    import argparse
+
+    from ml_serving.training.train import SHIPPED_SEED
+
+    parser = argparse.ArgumentParser(prog="python -m ml_serving.training.feature_store")
+    parser.add_argument("--repo", type=Path, default=SHIPPED_REPO, help="Feast repository")
+    parser.add_argument("--seed", type=int, default=SHIPPED_SEED, help="simulator seed")
+    parser.add_argument(
+        "--no-materialize", action="store_true", help="write the event tables and apply only"
+    )
+    args = parser.parse_args(argv)
+    tables = write_events(args.repo, args.seed)
+    apply(args.repo)
+    print(
+        f"wrote {len(tables.users)} user, {len(tables.tips)} tip snapshots and "
+        f"{len(tables.impressions)} impressions to {args.repo / 'data'}; applied"
+    )
+    if not args.no_materialize:
+        materialize(args.repo)
+        compact_sqlite(args.repo)
+        print(f"materialized the online store of {args.repo}")
+    return 0
+
+
+def compact_sqlite(repo: Path) -> None:
+    """VACUUM the sqlite online store (materialize leaves free pages; it ships compressed)."""
+    import sqlite3
+
+    from ml_serving.features.repo import StoreConfig
+
+    config = StoreConfig.load(repo)
+    if config.sqlite_path is not None and config.sqlite_path.exists():
+        conn = sqlite3.connect(config.sqlite_path)
+        try:
+            conn.execute("VACUUM")
+        finally:
+            conn.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

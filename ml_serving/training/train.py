@@ -272,11 +272,44 @@ def train(
     name: str = MODEL_NAME,
     version: str = "1",
     config: simulator.SimulatorConfig | None = None,
+    repo: Path | None = None,
 ) -> TrainedModel:
-    """Simulate with ``seed``, fit the model and a main-effects baseline, evaluate on held-out
-    users, and build the model card. Deterministic: one seed, one result."""
-    cfg = config or simulator.SimulatorConfig()
-    data = simulator.simulate(seed, cfg)
+    """Build the training set from the feature store, fit the model and a main-effects
+    baseline, evaluate on held-out users, and build the model card.
+
+    ``repo``: a Feast repository whose ``data/`` holds event tables (``make features`` writes
+    the shipped one); its manifest's seed and configuration are the run's. Without it, a
+    temporary copy of the shipped repository is filled from the simulator with ``seed`` and
+    ``config``. Either way the rows come from Feast's point-in-time join on the model's feature
+    service. Deterministic: one seed, one result.
+    """
+    from ml_serving.training import feature_store
+
+    with tempfile.TemporaryDirectory(prefix="ml-serving-features-") as scratch:
+        if repo is None:
+            repo = feature_store.copy_definitions(feature_store.SHIPPED_REPO, Path(scratch))
+            feature_store.write_events(repo, seed, config)
+        made = feature_store.manifest(repo)
+        seed = int(made["seed"])
+        cfg = simulator.SimulatorConfig(**made["simulator_config"])
+        feature_store.apply(repo)
+        data = feature_store.training_set(repo)
+    return fit_and_card(
+        data, seed=seed, name=name, version=version, config=cfg, window=made["window"]
+    )
+
+
+def fit_and_card(
+    data: simulator.Interactions,
+    *,
+    seed: int,
+    name: str,
+    version: str,
+    config: simulator.SimulatorConfig,
+    window: Mapping[str, str],
+) -> TrainedModel:
+    """Fit, evaluate on held-out users and write the card for training rows ``data``."""
+    cfg = config
     held_mask = _split_users(data, seed)
     tr, held = data.subset(~held_mask), data.subset(held_mask)
 
@@ -317,6 +350,15 @@ def train(
     fair = fairness(held.labels, p_model, held.segment)
     fair_base = fairness(held.labels, p_base, held.segment)
     m, b = metrics["heldout"], metrics["baseline_main_effects"]
+    inputs = norm.describe()
+    for group, rows in ((Group.CONTEXT, ctx_tr), (Group.CANDIDATE, cand_tr)):
+        # Raw training means: what serving uses for a value that neither the request nor the
+        # feature store has (store down, entity unknown).
+        for entry, mean in zip(
+            inputs[group.value], rows.astype(np.float64).mean(axis=0), strict=True
+        ):
+            entry["training_mean"] = _r(mean)
+            entry["source"] = features.SOURCES[entry["name"]].value
     card: dict[str, Any] = {
         "card_schema": CARD_SCHEMA,
         "model_name": name,
@@ -333,14 +375,18 @@ def train(
             "as real reaction rates."
         ),
         "inputs": {
-            **norm.describe(),
+            **inputs,
+            "feature_service": features.FEATURE_SERVICE,
             "dtype": np.dtype(features.DTYPE).name,
             "clip_normalized_to": features.Z_CLIP,
             "crosses": [asdict(c) for c in features.CROSSES],
             "design_columns": list(features.DESIGN_COLUMNS),
             "missing_values": (
-                "A feature with a default may be omitted by the caller and takes that raw "
-                "default; omitting any other feature is INVALID_ARGUMENT."
+                "Without a feature store, a feature with a default may be omitted by the caller "
+                "and takes that raw default; omitting any other feature is INVALID_ARGUMENT. "
+                "With the feature store on, an omitted stored feature comes from the store (a "
+                "stored null takes the default) and, when the store has no value, from "
+                "training_mean; request-time features must be sent."
             ),
         },
         "parameters": {
@@ -356,7 +402,14 @@ def train(
             "max_abs_normalized_value": _r(max_abs_z),
         },
         "training_data": {
-            "source": "ml_serving.training.simulator (synthetic; ground truth documented there)",
+            "source": (
+                f"Feast feature service {features.FEATURE_SERVICE} (feature_repo/), point-in-time "
+                "join of the labelled impressions on the daily user and tip snapshots, from the "
+                "event tables of ml_serving.training.simulator.simulate_events (synthetic; "
+                "ground truth documented there)"
+            ),
+            "feature_service": features.FEATURE_SERVICE,
+            "event_window": dict(window),
             "seed": seed,
             "simulator_config": asdict(cfg),
             "split": f"by user: {HELDOUT_USER_SHARE:.0%} of users held out (all their rows)",
@@ -574,7 +627,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ml_serving.training", description=__doc__)
     parser.add_argument("--root", type=Path, default=Path("models"), help="registry root")
     parser.add_argument("--name", default=MODEL_NAME)
-    parser.add_argument("--seed", type=int, default=SHIPPED_SEED)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=SHIPPED_SEED,
+        help="simulate a temporary feature store with this seed (ignored with --repo)",
+    )
+    parser.add_argument(
+        "--repo",
+        type=Path,
+        help="train from this Feast repository's event tables (make features writes "
+        "feature_repo/data); default: a temporary copy filled from --seed",
+    )
     parser.add_argument("--version", help="default: the next integer version")
     parser.add_argument(
         "--promote", action="store_true", help="promote if the fairness checks pass"
@@ -593,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main_mlflow(args)
     registry = ModelRegistry(args.root)
     version = args.version or _next_version(registry, args.name)
-    result = train(args.seed, name=args.name, version=version)
+    result = train(args.seed, name=args.name, version=version, repo=args.repo)
     card = result.model.card
     try:
         path = registry.add_version(
@@ -625,7 +689,7 @@ def _main_mlflow(args: argparse.Namespace) -> int:
         print("error: MLflow numbers versions itself: drop --version/--overwrite", file=sys.stderr)
         return 2
     # The version number is MLflow's: train under a placeholder, restamp once registered.
-    result = train(args.seed, name=args.name, version="0")
+    result = train(args.seed, name=args.name, version="0", repo=args.repo)
     try:
         model = log_to_mlflow(result, args.tracking_uri, promote=args.promote)
     except RegistryError as exc:

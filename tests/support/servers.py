@@ -19,7 +19,13 @@ FAKE_KEY = "sk-test-fake-key-0123456789"
 """The API key the LLM config names via os.environ/FAKE_OPENAI_KEY; must never reach a log."""
 os.environ["FAKE_OPENAI_KEY"] = FAKE_KEY
 
-BASE_SETTINGS: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "metrics_port": 0}
+BASE_SETTINGS: dict[str, Any] = {
+    "host": "127.0.0.1",
+    "port": 0,
+    "metrics_port": 0,
+    # Every model input comes with the request unless a test turns the feature store on.
+    "feature_repo": None,
+}
 
 StartServer = Callable[..., Coroutine[Any, Any, server.App]]
 """The `start_server` fixture: start an extra in-process server with its own settings."""

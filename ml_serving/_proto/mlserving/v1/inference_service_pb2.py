@@ -27,7 +27,7 @@ from . import prompt_pb2 as mlserving_dot_v1_dot_prompt__pb2
 from . import scoring_pb2 as mlserving_dot_v1_dot_scoring__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$mlserving/v1/inference_service.proto\x12\x0cmlserving.v1\x1a\x1dmlserving/v1/generation.proto\x1a\x19mlserving/v1/prompt.proto\x1a\x1amlserving/v1/scoring.proto\"\x89\x02\n\x0cScoreRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1d\n\x15\x63ontext_feature_names\x18\x02 \x03(\t\x12\x16\n\x0e\x63ontext_values\x18\x03 \x03(\x02\x12\x1f\n\x17\x63\x61ndidate_feature_names\x18\x04 \x03(\t\x12+\n\ncandidates\x18\x05 \x03(\x0b\x32\x17.mlserving.v1.Candidate\x12\x15\n\rcandidate_ids\x18\x06 \x03(\t\x12\x18\n\x10\x63\x61ndidate_values\x18\x07 \x03(\x02\x12\x32\n\x0fresponse_layout\x18\x08 \x01(\x0e\x32\x19.mlserving.v1.ScoreLayout\"\x99\x01\n\rScoreResponse\x12,\n\x06scores\x18\x01 \x03(\x0b\x32\x1c.mlserving.v1.CandidateScore\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x15\n\rcandidate_ids\x18\x04 \x03(\t\x12\x18\n\x10\x63\x61ndidate_scores\x18\x05 \x03(\x02\"\x95\x01\n\x0fGenerateRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0eprompt_version\x18\x02 \x01(\t\x12)\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x18.mlserving.v1.TipContext\x12.\n\x06limits\x18\x04 \x01(\x0b\x32\x1e.mlserving.v1.GenerationLimits\"\x93\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x16\n\x0eprompt_version\x18\x02 \x01(\t\x12\x13\n\x0bprompt_hash\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\'\n\x05usage\x18\x05 \x01(\x0b\x32\x18.mlserving.v1.TokenUsage\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.mlserving.v1.FinishReason\x12\x10\n\x08\x66\x61llback\x18\x07 \x01(\x08\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x08 \x01(\t\x12\x32\n\nassignment\x18\t \x01(\x0b\x32\x1e.mlserving.v1.PromptAssignment\"\x9b\x01\n\x15GenerateStreamRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0eprompt_version\x18\x02 \x01(\t\x12)\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x18.mlserving.v1.TipContext\x12.\n\x06limits\x18\x04 \x01(\x0b\x32\x1e.mlserving.v1.GenerationLimits\"g\n\x16GenerateStreamResponse\x12\x14\n\ntext_delta\x18\x01 \x01(\tH\x00\x12.\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1f.mlserving.v1.GenerateStreamEndH\x00\x42\x07\n\x05\x65vent\"\x1b\n\x19ListPromptVersionsRequest\"d\n\x1aListPromptVersionsResponse\x12-\n\x08versions\x18\x01 \x03(\x0b\x32\x1b.mlserving.v1.PromptVersion\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x02 \x01(\t2\xe7\x02\n\x10InferenceService\x12@\n\x05Score\x12\x1a.mlserving.v1.ScoreRequest\x1a\x1b.mlserving.v1.ScoreResponse\x12I\n\x08Generate\x12\x1d.mlserving.v1.GenerateRequest\x1a\x1e.mlserving.v1.GenerateResponse\x12]\n\x0eGenerateStream\x12#.mlserving.v1.GenerateStreamRequest\x1a$.mlserving.v1.GenerateStreamResponse0\x01\x12g\n\x12ListPromptVersions\x12\'.mlserving.v1.ListPromptVersionsRequest\x1a(.mlserving.v1.ListPromptVersionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$mlserving/v1/inference_service.proto\x12\x0cmlserving.v1\x1a\x1dmlserving/v1/generation.proto\x1a\x19mlserving/v1/prompt.proto\x1a\x1amlserving/v1/scoring.proto\"\x89\x02\n\x0cScoreRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1d\n\x15\x63ontext_feature_names\x18\x02 \x03(\t\x12\x16\n\x0e\x63ontext_values\x18\x03 \x03(\x02\x12\x1f\n\x17\x63\x61ndidate_feature_names\x18\x04 \x03(\t\x12+\n\ncandidates\x18\x05 \x03(\x0b\x32\x17.mlserving.v1.Candidate\x12\x15\n\rcandidate_ids\x18\x06 \x03(\t\x12\x18\n\x10\x63\x61ndidate_values\x18\x07 \x03(\x02\x12\x32\n\x0fresponse_layout\x18\x08 \x01(\x0e\x32\x19.mlserving.v1.ScoreLayout\"\xb5\x01\n\rScoreResponse\x12,\n\x06scores\x18\x01 \x03(\x0b\x32\x1c.mlserving.v1.CandidateScore\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x15\n\rcandidate_ids\x18\x04 \x03(\t\x12\x18\n\x10\x63\x61ndidate_scores\x18\x05 \x03(\x02\x12\x1a\n\x12\x64\x65\x66\x61ulted_features\x18\x06 \x01(\r\"\x95\x01\n\x0fGenerateRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0eprompt_version\x18\x02 \x01(\t\x12)\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x18.mlserving.v1.TipContext\x12.\n\x06limits\x18\x04 \x01(\x0b\x32\x1e.mlserving.v1.GenerationLimits\"\x93\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x16\n\x0eprompt_version\x18\x02 \x01(\t\x12\x13\n\x0bprompt_hash\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\'\n\x05usage\x18\x05 \x01(\x0b\x32\x18.mlserving.v1.TokenUsage\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.mlserving.v1.FinishReason\x12\x10\n\x08\x66\x61llback\x18\x07 \x01(\x08\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x08 \x01(\t\x12\x32\n\nassignment\x18\t \x01(\x0b\x32\x1e.mlserving.v1.PromptAssignment\"\x9b\x01\n\x15GenerateStreamRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0eprompt_version\x18\x02 \x01(\t\x12)\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x18.mlserving.v1.TipContext\x12.\n\x06limits\x18\x04 \x01(\x0b\x32\x1e.mlserving.v1.GenerationLimits\"g\n\x16GenerateStreamResponse\x12\x14\n\ntext_delta\x18\x01 \x01(\tH\x00\x12.\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1f.mlserving.v1.GenerateStreamEndH\x00\x42\x07\n\x05\x65vent\"\x1b\n\x19ListPromptVersionsRequest\"d\n\x1aListPromptVersionsResponse\x12-\n\x08versions\x18\x01 \x03(\x0b\x32\x1b.mlserving.v1.PromptVersion\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x02 \x01(\t2\xe7\x02\n\x10InferenceService\x12@\n\x05Score\x12\x1a.mlserving.v1.ScoreRequest\x1a\x1b.mlserving.v1.ScoreResponse\x12I\n\x08Generate\x12\x1d.mlserving.v1.GenerateRequest\x1a\x1e.mlserving.v1.GenerateResponse\x12]\n\x0eGenerateStream\x12#.mlserving.v1.GenerateStreamRequest\x1a$.mlserving.v1.GenerateStreamResponse0\x01\x12g\n\x12ListPromptVersions\x12\'.mlserving.v1.ListPromptVersionsRequest\x1a(.mlserving.v1.ListPromptVersionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,19 +37,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREREQUEST']._serialized_start=141
   _globals['_SCOREREQUEST']._serialized_end=406
   _globals['_SCORERESPONSE']._serialized_start=409
-  _globals['_SCORERESPONSE']._serialized_end=562
-  _globals['_GENERATEREQUEST']._serialized_start=565
-  _globals['_GENERATEREQUEST']._serialized_end=714
-  _globals['_GENERATERESPONSE']._serialized_start=717
-  _globals['_GENERATERESPONSE']._serialized_end=992
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=995
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1150
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1152
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1255
-  _globals['_LISTPROMPTVERSIONSREQUEST']._serialized_start=1257
-  _globals['_LISTPROMPTVERSIONSREQUEST']._serialized_end=1284
-  _globals['_LISTPROMPTVERSIONSRESPONSE']._serialized_start=1286
-  _globals['_LISTPROMPTVERSIONSRESPONSE']._serialized_end=1386
-  _globals['_INFERENCESERVICE']._serialized_start=1389
-  _globals['_INFERENCESERVICE']._serialized_end=1748
+  _globals['_SCORERESPONSE']._serialized_end=590
+  _globals['_GENERATEREQUEST']._serialized_start=593
+  _globals['_GENERATEREQUEST']._serialized_end=742
+  _globals['_GENERATERESPONSE']._serialized_start=745
+  _globals['_GENERATERESPONSE']._serialized_end=1020
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1023
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1178
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1180
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1283
+  _globals['_LISTPROMPTVERSIONSREQUEST']._serialized_start=1285
+  _globals['_LISTPROMPTVERSIONSREQUEST']._serialized_end=1312
+  _globals['_LISTPROMPTVERSIONSRESPONSE']._serialized_start=1314
+  _globals['_LISTPROMPTVERSIONSRESPONSE']._serialized_end=1414
+  _globals['_INFERENCESERVICE']._serialized_start=1417
+  _globals['_INFERENCESERVICE']._serialized_end=1776
 # @@protoc_insertion_point(module_scope)

@@ -41,14 +41,18 @@ class ScoreRequest(_message.Message):
     CANDIDATE_VALUES_FIELD_NUMBER: _builtins.int
     RESPONSE_LAYOUT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """The user being scored for. Not a model input, and kept out of logs: a user id is personal
+    """The user being scored for: the feature store's key for the user's features (when the
+    server has one), never a model input itself, and kept out of logs: a user id is personal
     data.
     """
     response_layout: _scoring_pb2.ScoreLayout.ValueType
     """How the response lists the scores; unspecified means one CandidateScore each (scores)."""
     @_builtins.property
     def context_feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Names of the user context features, in the order of context_values."""
+        """Names of the user context features, in the order of context_values. With the feature
+        store on, any stored feature may be left out (it is read by user_id; a value sent wins);
+        the request-time ones (local_hour_sin, local_hour_cos) must always be sent.
+        """
 
     @_builtins.property
     def context_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
@@ -56,7 +60,9 @@ class ScoreRequest(_message.Message):
 
     @_builtins.property
     def candidate_feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Names of the candidate features, in the order of every Candidate.values."""
+        """Names of the candidate features, in the order of every Candidate.values. With the feature
+        store on, any of them may be left out (read by candidate id; a value sent wins).
+        """
 
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[_scoring_pb2.Candidate]:
@@ -105,10 +111,16 @@ class ScoreResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     CANDIDATE_IDS_FIELD_NUMBER: _builtins.int
     CANDIDATE_SCORES_FIELD_NUMBER: _builtins.int
+    DEFAULTED_FEATURES_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Name of the model that produced the scores, e.g. "tips-ranker"."""
     model_version: _builtins.str
     """Version of the model that produced the scores; every score in a response shares it."""
+    defaulted_features: _builtins.int
+    """With the feature store on: how many feature values (context values plus candidate values)
+    neither the request nor the store had, so they took the feature's training mean (store
+    down or slow, user or tip unknown to it). Zero when every value was found.
+    """
     @_builtins.property
     def scores(self) -> _containers.RepeatedCompositeFieldContainer[_scoring_pb2.CandidateScore]:
         """One entry per request candidate, in request order."""
@@ -129,10 +141,11 @@ class ScoreResponse(_message.Message):
         model_version: _builtins.str = ...,
         candidate_ids: _abc.Iterable[_builtins.str] | None = ...,
         candidate_scores: _abc.Iterable[_builtins.float] | None = ...,
+        defaulted_features: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_ids", b"candidate_ids", "candidate_scores", b"candidate_scores", "model_name", b"model_name", "model_version", b"model_version", "scores", b"scores"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_ids", b"candidate_ids", "candidate_scores", b"candidate_scores", "defaulted_features", b"defaulted_features", "model_name", b"model_name", "model_version", b"model_version", "scores", b"scores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

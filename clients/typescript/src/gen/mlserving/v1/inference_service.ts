@@ -47,15 +47,23 @@ export const protobufFileName = "mlserving/v1/inference_service.proto";
  */
 export interface ScoreRequest {
   /**
-   * The user being scored for. Not a model input, and kept out of logs: a user id is personal
+   * The user being scored for: the feature store's key for the user's features (when the
+   * server has one), never a model input itself, and kept out of logs: a user id is personal
    * data.
    */
   userId: string;
-  /** Names of the user context features, in the order of context_values. */
+  /**
+   * Names of the user context features, in the order of context_values. With the feature
+   * store on, any stored feature may be left out (it is read by user_id; a value sent wins);
+   * the request-time ones (local_hour_sin, local_hour_cos) must always be sent.
+   */
   contextFeatureNames: string[];
   /** Values of the user context features, one per name in context_feature_names. */
   contextValues: number[];
-  /** Names of the candidate features, in the order of every Candidate.values. */
+  /**
+   * Names of the candidate features, in the order of every Candidate.values. With the feature
+   * store on, any of them may be left out (read by candidate id; a value sent wins).
+   */
   candidateFeatureNames: string[];
   /** The candidate tips to score: at least one, at most the server's limit, ids unique. */
   candidates: Candidate[];
@@ -85,6 +93,12 @@ export interface ScoreResponse {
   candidateIds: string[];
   /** Columnar layout: one probability of a positive reaction per id, in the same order. */
   candidateScores: number[];
+  /**
+   * With the feature store on: how many feature values (context values plus candidate values)
+   * neither the request nor the store had, so they took the feature's training mean (store
+   * down or slow, user or tip unknown to it). Zero when every value was found.
+   */
+  defaultedFeatures: number;
 }
 
 /** GenerateRequest asks for one personalised tip. */
@@ -416,7 +430,7 @@ export const ScoreRequest: MessageFns<ScoreRequest> = {
 };
 
 function createBaseScoreResponse(): ScoreResponse {
-  return { scores: [], modelName: "", modelVersion: "", candidateIds: [], candidateScores: [] };
+  return { scores: [], modelName: "", modelVersion: "", candidateIds: [], candidateScores: [], defaultedFeatures: 0 };
 }
 
 export const ScoreResponse: MessageFns<ScoreResponse> = {
@@ -439,6 +453,9 @@ export const ScoreResponse: MessageFns<ScoreResponse> = {
         writer.float(v);
       }
       writer.join();
+    }
+    if (message.defaultedFeatures !== 0) {
+      writer.uint32(48).uint32(message.defaultedFeatures);
     }
     return writer;
   },
@@ -506,6 +523,14 @@ export const ScoreResponse: MessageFns<ScoreResponse> = {
 
             break;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.defaultedFeatures = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -541,6 +566,11 @@ export const ScoreResponse: MessageFns<ScoreResponse> = {
         : globalThis.Array.isArray(object?.candidate_scores)
         ? object.candidate_scores.map((e: any) => globalThis.Number(e))
         : [],
+      defaultedFeatures: isSet(object.defaultedFeatures)
+        ? globalThis.Number(object.defaultedFeatures)
+        : isSet(object.defaulted_features)
+        ? globalThis.Number(object.defaulted_features)
+        : 0,
     };
   },
 
@@ -561,6 +591,9 @@ export const ScoreResponse: MessageFns<ScoreResponse> = {
     if (message.candidateScores?.length) {
       obj.candidateScores = message.candidateScores.map((e) => floatToJson(e));
     }
+    if (message.defaultedFeatures !== 0) {
+      obj.defaultedFeatures = Math.round(message.defaultedFeatures);
+    }
     return obj;
   },
 
@@ -574,6 +607,7 @@ export const ScoreResponse: MessageFns<ScoreResponse> = {
     message.modelVersion = object.modelVersion ?? "";
     message.candidateIds = object.candidateIds?.map((e) => e) || [];
     message.candidateScores = object.candidateScores?.map((e) => e) || [];
+    message.defaultedFeatures = object.defaultedFeatures ?? 0;
     return message;
   },
 };

@@ -1,0 +1,392 @@
+"""Feast's sqlite and Redis online stores, read in their own format: one entity's row of a view
+on the hot path (no Feast SDK, no retries), a whole view for the background caches."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import sqlite3
+import ssl
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final, Protocol
+
+from ml_serving.features import codec
+from ml_serving.features.repo import RedisAddress, StoreConfig
+
+logger = logging.getLogger(__name__)
+
+Row = tuple[float | None, dict[str, bytes]]
+"""One entity's row of one view: its event time (epoch seconds; None if the store keeps none)
+and each stored field's raw bytes (a serialized Feast value)."""
+
+
+class StoreError(Exception):
+    """A lookup that got no answer; ``cause`` is the metrics label."""
+
+    def __init__(self, cause: str, detail: str) -> None:
+        super().__init__(detail)
+        self.cause = cause
+
+
+class OnlineStore(Protocol):
+    """What the lookup policy needs of an online store."""
+
+    async def read(
+        self, view: str, join_key: str, entity: str, fields: Sequence[str], timeout_s: float
+    ) -> Row | None:
+        """The entity's row of ``view`` (None when the store has none), within ``timeout_s``;
+        raises ``StoreError`` on a timeout or an unreachable store."""
+
+    def scan(self, view: str, join_key: str, fields: Sequence[str]) -> dict[str, Row]:
+        """Every entity's row of ``view`` (blocking: call it in a thread)."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+def open_store(config: StoreConfig) -> OnlineStore:
+    """The reader for ``config``'s online store (connections open lazily)."""
+    if config.kind == "redis":
+        assert config.redis is not None
+        return RedisStore(config.project, config.redis)
+    assert config.sqlite_path is not None
+    return SqliteStore(config.project, config.sqlite_path)
+
+
+def _epoch(value: object) -> float | None:
+    """Feast's sqlite event_ts: epoch seconds (its adapter) or an ISO string (older writers)."""
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, bytes):
+        value = value.decode()
+    parsed = datetime.fromisoformat(str(value))
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+class SqliteStore:
+    """Feast's sqlite online store (the embedded default): table ``<project>_<view>`` with one
+    row per (entity_key, feature_name). Read-only; a missing file is an unavailable store."""
+
+    def __init__(self, project: str, path: Path) -> None:
+        self.project = project
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._queries: dict[str, str] = {}
+
+    def _connect(self) -> sqlite3.Connection:
+        # Read-only and no busy wait: a locked or missing database is an answer at once.
+        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=0.0)
+
+    async def read(
+        self, view: str, join_key: str, entity: str, fields: Sequence[str], timeout_s: float
+    ) -> Row | None:
+        # A local file read by primary key (tens of microseconds): done inline, the budget
+        # cannot be exceeded by waiting on a network.
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            query = self._queries.get(view)
+            if query is None:
+                table = f'"{self.project}_{view}"'
+                query = f"SELECT feature_name, value, event_ts FROM {table} WHERE entity_key = ?"
+                self._queries[view] = query
+            rows = self._conn.execute(query, (codec.entity_key(join_key, entity),)).fetchall()
+        except sqlite3.Error as exc:
+            self._conn = None
+            raise StoreError("unavailable", f"sqlite online store {self.path}: {exc}") from None
+        if not rows:
+            return None
+        wanted = set(fields)
+        return _epoch(rows[0][2]), {name: value for name, value, _ in rows if name in wanted}
+
+    def scan(self, view: str, join_key: str, fields: Sequence[str]) -> dict[str, Row]:
+        wanted = set(fields)
+        out: dict[str, Row] = {}
+        try:
+            conn = self._connect()
+            try:
+                cursor = conn.execute(
+                    f'SELECT entity_key, feature_name, value, event_ts FROM "{self.project}_{view}"'
+                )
+                for key, name, value, ts in cursor:
+                    entity = codec.entity_value(key, join_key)
+                    if entity is None or name not in wanted:
+                        continue
+                    row = out.get(entity)
+                    if row is None:
+                        out[entity] = row = (_epoch(ts), {})
+                    row[1][name] = value
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError("unavailable", f"sqlite online store {self.path}: {exc}") from None
+        return out
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+# --- Redis: a pipelined RESP2 connection on the event loop ---------------------------------
+
+_NEED_MORE: Final = object()
+
+
+def _command(*args: bytes) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+class _RespProtocol(asyncio.Protocol):
+    """One Redis connection: commands are written at once and answered in order (pipelining),
+    so one connection serves every concurrent lookup of the process without a pool."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.pending: collections.deque[asyncio.Future[object]] = collections.deque()
+        self.buffer = bytearray()
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def send(self, payload: bytes) -> asyncio.Future[object]:
+        assert self.transport is not None
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self.pending.append(future)
+        self.transport.write(payload)
+        return future
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while self.pending or self.buffer:
+            reply, used = _parse(self.buffer, 0)
+            if reply is _NEED_MORE:
+                return
+            del self.buffer[:used]
+            if not self.pending:  # an answer nobody asked for: the connection is confused
+                self._fail(StoreError("malformed", "unexpected reply from Redis"))
+                return
+            future = self.pending.popleft()
+            if not future.done():  # a lookup that timed out leaves its answer to be dropped
+                if isinstance(reply, StoreError):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(StoreError("unavailable", f"Redis connection lost: {exc or 'closed'}"))
+
+    def _fail(self, error: StoreError) -> None:
+        while self.pending:
+            future = self.pending.popleft()
+            if not future.done():
+                future.set_exception(error)
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _parse(buf: bytearray, pos: int) -> tuple[object, int]:
+    """One RESP2 reply from ``buf[pos:]`` -> (value, end); ``_NEED_MORE`` when incomplete."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        return _NEED_MORE, pos
+    kind, line = buf[pos : pos + 1], bytes(buf[pos + 1 : end])
+    after = end + 2
+    if kind == b"+":
+        return line, after
+    if kind == b"-":
+        return StoreError("unavailable", f"Redis error: {line.decode(errors='replace')}"), after
+    if kind == b":":
+        return int(line), after
+    if kind == b"$":
+        length = int(line)
+        if length < 0:
+            return None, after
+        if len(buf) < after + length + 2:
+            return _NEED_MORE, pos
+        return bytes(buf[after : after + length]), after + length + 2
+    if kind == b"*":
+        count = int(line)
+        if count < 0:
+            return None, after
+        items: list[object] = []
+        for _ in range(count):
+            item, after = _parse(buf, after)
+            if item is _NEED_MORE:
+                return _NEED_MORE, pos
+            items.append(item)
+        return items, after
+    return StoreError("malformed", f"unknown Redis reply type {kind!r}"), len(buf)
+
+
+class RedisStore:
+    """Feast's Redis online store: one hash per entity (key: serialized entity key + project),
+    fields ``mmh3("<view>:<feature>")`` and ``_ts:<view>``. The connection is made in the
+    background; a lookup while there is none fails at once (the policy falls back)."""
+
+    def __init__(self, project: str, address: RedisAddress) -> None:
+        self.project = project
+        self.address = address
+        self._protocol: _RespProtocol | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._fields: dict[tuple[str, tuple[str, ...]], list[bytes]] = {}
+        self.connect_timeout_s = 1.0
+
+    def _hash_fields(self, view: str, fields: Sequence[str]) -> list[bytes]:
+        key = (view, tuple(fields))
+        names = self._fields.get(key)
+        if names is None:
+            names = [codec.redis_field(view, f) for f in fields]
+            names.append(codec.redis_timestamp_field(view))
+            self._fields[key] = names
+        return names
+
+    async def read(
+        self, view: str, join_key: str, entity: str, fields: Sequence[str], timeout_s: float
+    ) -> Row | None:
+        protocol = self._protocol
+        if protocol is None or protocol.closed.done():
+            self._protocol = None
+            self._connect_in_background()
+            raise StoreError("unavailable", "no Redis connection (connecting in the background)")
+        names = self._hash_fields(view, fields)
+        key = codec.redis_key(join_key, entity, self.project)
+        future = protocol.send(_command(b"HMGET", key, *names))
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(timeout_s, _expire, future)
+        try:
+            reply = await future
+        finally:
+            timer.cancel()
+        if not isinstance(reply, list) or len(reply) != len(names):
+            raise StoreError("malformed", "HMGET answered with something else")
+        *values, ts = reply
+        if ts is None and all(v is None for v in values):
+            return None
+        stamp = None
+        if isinstance(ts, bytes):
+            try:
+                stamp = codec.decode_timestamp(ts)
+            except codec.MalformedValue:
+                stamp = None
+        return stamp, {f: v for f, v in zip(fields, values, strict=False) if isinstance(v, bytes)}
+
+    def _connect_in_background(self) -> None:
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.get_running_loop().create_task(
+                self._connect(), name="redis-connect"
+            )
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        address = self.address
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    _RespProtocol,
+                    address.host,
+                    address.port,
+                    ssl=ssl.create_default_context() if address.ssl else None,
+                ),
+                self.connect_timeout_s,
+            )
+            if address.password:
+                await asyncio.wait_for(
+                    protocol.send(_command(b"AUTH", address.password.encode())),
+                    self.connect_timeout_s,
+                )
+            if address.db:
+                await asyncio.wait_for(
+                    protocol.send(_command(b"SELECT", str(address.db).encode())),
+                    self.connect_timeout_s,
+                )
+        except (OSError, TimeoutError, StoreError) as exc:
+            logger.warning(
+                "feature store: cannot connect to Redis at %s:%s: %s",
+                address.host,
+                address.port,
+                exc,
+            )
+            return
+        self._protocol = protocol
+
+    def scan(self, view: str, join_key: str, fields: Sequence[str]) -> dict[str, Row]:
+        import redis
+
+        address = self.address
+        client = redis.Redis(
+            host=address.host,
+            port=address.port,
+            password=address.password,
+            db=address.db,
+            ssl=address.ssl,
+            socket_timeout=5.0,
+            socket_connect_timeout=self.connect_timeout_s,
+        )
+        names = self._hash_fields(view, fields)
+        project = self.project.encode()
+        pattern = _glob_escape(codec.entity_key_prefix(join_key)) + b"*" + _glob_escape(project)
+        out: dict[str, Row] = {}
+        try:
+            keys = [k for k in client.scan_iter(match=pattern, count=1000) if k.endswith(project)]
+            for start in range(0, len(keys), 500):
+                batch = keys[start : start + 500]
+                with client.pipeline(transaction=False) as pipe:
+                    for key in batch:
+                        pipe.hmget(key, names)
+                    replies = pipe.execute()
+                for key, reply in zip(batch, replies, strict=True):
+                    entity = codec.entity_value(key[: -len(project)], join_key)
+                    *values, ts = reply
+                    if entity is None or all(v is None for v in values):
+                        continue
+                    stamp = None
+                    if ts is not None:
+                        try:
+                            stamp = codec.decode_timestamp(ts)
+                        except codec.MalformedValue:
+                            stamp = None
+                    out[entity] = (
+                        stamp,
+                        {f: v for f, v in zip(fields, values, strict=False) if v is not None},
+                    )
+        except redis.RedisError as exc:
+            raise StoreError("unavailable", f"Redis scan of {view}: {exc}") from None
+        finally:
+            client.close()
+        return out
+
+    async def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
+        self._protocol = None
+
+
+def _expire(future: asyncio.Future[object]) -> None:
+    if not future.done():
+        future.set_exception(StoreError("timeout", "the feature store did not answer in budget"))
+
+
+def _glob_escape(data: bytes) -> bytes:
+    out = bytearray()
+    for byte in data:
+        if byte in b"*?[]\\":
+            out += b"\\"
+        out.append(byte)
+    return bytes(out)
