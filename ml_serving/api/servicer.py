@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,7 +18,7 @@ from ml_serving.api import rpc
 from ml_serving.config import Settings
 from ml_serving.experiments.assignment import HowChosen
 from ml_serving.features.lookup import FeatureLookup
-from ml_serving.generation.context import TipSignals
+from ml_serving.generation.context import TipSignals, profile_gaps, with_profile
 from ml_serving.generation.prompts.registry import PromptRegistry
 from ml_serving.generation.service import GenerationRequest, GenerationResult, Generator
 from ml_serving.observability import logs, tracing
@@ -169,7 +170,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         request: pb.GenerateRequest,
         context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse],
     ) -> pb.GenerateResponse:
-        result = await self._generator.generate(_generation_request(request, context))
+        generation = await self._with_profile(_generation_request(request, context))
+        result = await self._generator.generate(generation)
         return pb.GenerateResponse(text=result.text, **_result_fields(result, context))
 
     @rpc.server_streaming
@@ -178,7 +180,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         request: pb.GenerateStreamRequest,
         context: grpc.aio.ServicerContext[pb.GenerateStreamRequest, pb.GenerateStreamResponse],
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        stream = self._generator.stream(_generation_request(request, context))
+        generation = await self._with_profile(_generation_request(request, context))
+        stream = self._generator.stream(generation)
         async with contextlib.aclosing(stream) as events:  # closed at once if the call ends
             async for event in events:
                 if isinstance(event, str):
@@ -187,6 +190,19 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 yield pb.GenerateStreamResponse(
                     end=generation_pb2.GenerateStreamEnd(**_result_fields(event, context))
                 )
+
+    async def _with_profile(self, generation: GenerationRequest) -> GenerationRequest:
+        """The request's prompt context, its empty fields filled from the user-profile view
+        (when the feature store is on; a store that fails leaves them empty)."""
+        lookup = self.features
+        signals = generation.signals
+        if lookup is None or not signals.user_id or not profile_gaps(signals):
+            return generation
+        with tracing.child_span("generate.profile"):
+            profile = await lookup.profile(signals.user_id)
+        if not profile:
+            return generation
+        return dataclasses.replace(generation, signals=with_profile(signals, profile))
 
     @rpc.unary
     async def ListPromptVersions(

@@ -22,6 +22,8 @@ from ml_serving.scoring.features import DTYPE, Float32Array, Source
 
 logger = logging.getLogger(__name__)
 
+MAX_ENTITY_CHARS: Final = 128
+"""Longer ids are never looked up (the RPCs refuse them; a key that size is no user)."""
 USER_JOIN_KEY: Final = "user_id"
 TIP_JOIN_KEY: Final = "tip_id"
 _USER_FIELDS: Final = tuple(features.USER_FIELDS)
@@ -163,7 +165,7 @@ class FeatureLookup:
     async def _row(
         self, view: str, join_key: str, entity: str, fields: Sequence[str]
     ) -> Row | None:
-        if not entity:
+        if not entity or len(entity) > MAX_ENTITY_CHARS:
             self.lookups[(view, "miss")] += 1
             return None
         if not self.breaker.allow():

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -420,3 +421,46 @@ def _json_escape(char: str) -> str:
     # JSON has no escape above the BMP: write the UTF-16 surrogate pair, which json.loads joins.
     code -= 0x10000
     return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def with_profile(signals: TipSignals, profile: Mapping[str, object]) -> TipSignals:
+    """``signals`` with the fields the request left empty taken from the user-profile view
+    (the feature store). A value sent wins; a stored value of the wrong shape is skipped, so a
+    bad row can never fail the call (the store's values are sanitised like a request's)."""
+
+    def strings(value: object) -> tuple[str, ...]:
+        if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+            return value
+        return ()
+
+    def valid(value: object, check: Callable[[str], object]) -> str:
+        if not isinstance(value, str):
+            return ""
+        try:
+            check(value)
+        except InvalidArgument:
+            return ""
+        return value
+
+    streak = profile.get("streak_days")
+    return dataclasses.replace(
+        signals,
+        interests=signals.interests or strings(profile.get("interests")),
+        experience_level=signals.experience_level
+        or valid(profile.get("experience_level"), _validate_experience_level),
+        streak_days=signals.streak_days
+        or (int(streak) if isinstance(streak, float) and 0 <= streak <= MAX_STREAK_DAYS else 0),
+        recent_tips=signals.recent_tips or strings(profile.get("recent_tips")),
+        locale=signals.locale or valid(profile.get("locale"), _validate_locale),
+    )
+
+
+def profile_gaps(signals: TipSignals) -> bool:
+    """True when a field the user-profile view can fill is empty in the request."""
+    return not (
+        signals.interests
+        and signals.experience_level
+        and signals.streak_days
+        and signals.recent_tips
+        and signals.locale
+    )
