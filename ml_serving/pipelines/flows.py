@@ -21,11 +21,29 @@ from prefect.cache_policies import NO_CACHE
 
 from ml_serving.config import Settings
 from ml_serving.pipelines import gate, materialize, retrain, rewards
+from ml_serving.scoring.registry import RegistryUnavailable
 
 REPORTS_DIR: Final = Path(tempfile.gettempdir()) / "ml-serving-pipelines"
 """Where report files (markdown, the calibration PNG) go when a run names no folder."""
 IO_RETRIES: Final = 2
 IO_RETRY_DELAY_S: Final = 10
+_NOT_TRANSIENT: Final = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a task only when it failed on I/O that may work next time (a network, a database,
+    an unreachable registry), never on bad input, which would fail the same way again."""
+    try:
+        state.result()
+    except _NOT_TRANSIENT:
+        return False
+    except (OSError, RegistryUnavailable):
+        return True
+    except Exception as exc:
+        # SQLAlchemy's connection-level errors (a database restarting), by name: the module
+        # is imported only by the rewards step.
+        return type(exc).__name__ in {"OperationalError", "InterfaceError", "DisconnectionError"}
+    return False
 
 
 def _reports(reports_dir: str | None, name: str) -> Path:
@@ -45,7 +63,12 @@ def _publish(key: str, markdown: str, reports_dir: str | None, description: str)
 # --- rewards -------------------------------------------------------------------------------------
 
 
-@task(retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S, cache_policy=NO_CACHE)
+@task(
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,
+)
 def snapshot_rewards(
     decision_logs: list[str],
     rewards_source: str,
@@ -99,7 +122,12 @@ def rewards_flow(
 # --- train ---------------------------------------------------------------------------------------
 
 
-@task(retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S, cache_policy=NO_CACHE)
+@task(
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,
+)
 def train_and_register(
     model_root: str, name: str, seed: int, tracking_uri: str | None, shadow: bool
 ) -> retrain.TrainOutcome:
@@ -163,7 +191,12 @@ def train_flow(
 # --- promote -------------------------------------------------------------------------------------
 
 
-@task(retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S, cache_policy=NO_CACHE)
+@task(
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,
+)
 def judge_challenger(
     registry: gate.GateRegistry,
     name: str,
@@ -187,7 +220,12 @@ def judge_challenger(
     )
 
 
-@task(retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S, cache_policy=NO_CACHE)
+@task(
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,
+)
 def promote_if_passed(registry: gate.GateRegistry, result: gate.GateResult) -> gate.GateResult:
     """Promote when every check passed or a person overrode (``gate.promote_if_passed``)."""
     return gate.promote_if_passed(registry, result)
@@ -251,7 +289,12 @@ def promote_flow(
 # --- features ------------------------------------------------------------------------------------
 
 
-@task(retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S, cache_policy=NO_CACHE)
+@task(
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,
+)
 def refresh_features(repo_path: str | None, seed: int | None) -> materialize.FeaturesRun:
     """Event tables, ``feast apply`` and incremental materialization (``materialize``)."""
     return materialize.run_features(

@@ -64,7 +64,9 @@ def read_rewards_sql(
         sa.column(_identifier("column", reward_column)),
     )
     source = sa.table(
-        _identifier("table", name), *columns, schema=_identifier("schema", schema) or None
+        _identifier("table", name),
+        *columns,
+        schema=_identifier("schema", schema) if schema else None,
     )
     read = RewardRead()
     engine = sa.create_engine(url)

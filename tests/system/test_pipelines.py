@@ -310,10 +310,10 @@ def test_the_deployments_load_with_prefects_own_loader() -> None:
         "promote-after-train", by_name["promote-after-train"]["triggers"]
     )
     assert trigger.expect == {"prefect.flow-run.Completed"}
-    assert trigger.match_related == {
+    assert trigger.match_related.model_dump() == {
         "prefect.resource.role": "flow",
         "prefect.resource.name": "train",
-    }  # type: ignore[comparison-overlap]
+    }
     assert actions["pull"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": "/app"}}
     ]
