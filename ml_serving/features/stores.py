@@ -43,6 +43,9 @@ class OnlineStore(Protocol):
     def scan(self, view: str, join_key: str, fields: Sequence[str]) -> dict[str, Row]:
         """Every entity's row of ``view`` (blocking: call it in a thread)."""
 
+    async def connect(self) -> None:
+        """Open what a lookup needs, bounded in time; failing quietly (lookups then default)."""
+
     async def close(self) -> None:
         """Release connections."""
 
@@ -128,6 +131,12 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreError("unavailable", f"sqlite online store {self.path}: {exc}") from None
         return out
+
+    async def connect(self) -> None:
+        try:
+            self._conn = self._conn or self._connect()
+        except sqlite3.Error as exc:
+            logger.warning("feature store: cannot open %s: %s", self.path, exc)
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -291,11 +300,19 @@ class RedisStore:
                 self._connect(), name="redis-connect"
             )
 
+    async def connect(self) -> None:
+        if self._protocol is None or self._protocol.closed.done():
+            self._connect_in_background()
+            assert self._connecting is not None
+            await asyncio.shield(self._connecting)
+
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         address = self.address
+        protocol: _RespProtocol | None = None
+        ready = False
         try:
-            _, protocol = await asyncio.wait_for(
+            _, made = await asyncio.wait_for(
                 loop.create_connection(
                     _RespProtocol,
                     address.host,
@@ -304,16 +321,18 @@ class RedisStore:
                 ),
                 self.connect_timeout_s,
             )
+            protocol = made
             if address.password:
                 await asyncio.wait_for(
-                    protocol.send(_command(b"AUTH", address.password.encode())),
+                    made.send(_command(b"AUTH", address.password.encode())),
                     self.connect_timeout_s,
                 )
             if address.db:
                 await asyncio.wait_for(
-                    protocol.send(_command(b"SELECT", str(address.db).encode())),
+                    made.send(_command(b"SELECT", str(address.db).encode())),
                     self.connect_timeout_s,
                 )
+            ready = True
         except (OSError, TimeoutError, StoreError) as exc:
             logger.warning(
                 "feature store: cannot connect to Redis at %s:%s: %s",
@@ -321,8 +340,11 @@ class RedisStore:
                 address.port,
                 exc,
             )
-            return
-        self._protocol = protocol
+        finally:
+            if not ready and protocol is not None and protocol.transport is not None:
+                protocol.transport.close()  # also when cancelled mid-handshake
+        if ready:
+            self._protocol = protocol
 
     def scan(self, view: str, join_key: str, fields: Sequence[str]) -> dict[str, Row]:
         import redis
@@ -371,8 +393,12 @@ class RedisStore:
         return out
 
     async def close(self) -> None:
-        if self._connecting is not None:
+        if self._connecting is not None and not self._connecting.done():
             self._connecting.cancel()
+            try:
+                await self._connecting
+            except asyncio.CancelledError:
+                pass
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
         self._protocol = None
