@@ -302,7 +302,8 @@ class FeatureLookup:
         )
 
     async def watch_tips(self) -> None:
-        """Reload the tip view every ``tip_refresh_s`` until cancelled."""
+        """Connect (bounded), then reload the tip view every ``tip_refresh_s`` until cancelled."""
+        await self.store.connect()
         while True:
             await self.refresh_tips()
             await asyncio.sleep(self.policy.tip_refresh_s)
