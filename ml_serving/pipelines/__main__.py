@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     feat = sub.add_parser("features", help="event tables, feast apply, materialize-incremental")
     feat.add_argument("--repo", dest="repo_path", help="the Feast repository (feature_repo/)")
     feat.add_argument("--seed", type=int, help="write the simulator's tables of this seed first")
+    feat.add_argument("--n-users", type=int, help="the simulated population (with --seed)")
 
     tr = sub.add_parser("train", help="a new version with its card; never the champion")
     tr.add_argument("--seed", type=int, help="the day's data (default: today's YYYYMMDD)")

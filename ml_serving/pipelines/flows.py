@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from ml_serving.config import Settings
 from ml_serving.pipelines import gate, materialize, retrain, rewards
 from ml_serving.scoring.registry import RegistryUnavailable
+from ml_serving.training import simulator
 
 REPORTS_DIR: Final = Path(tempfile.gettempdir()) / "ml-serving-pipelines"
 """Where report files (markdown, the calibration PNG) go when a run names no folder."""
@@ -295,11 +296,14 @@ def promote_flow(
     retry_condition_fn=transient,
     cache_policy=NO_CACHE,
 )
-def refresh_features(repo_path: str | None, seed: int | None) -> materialize.FeaturesRun:
+def refresh_features(
+    repo_path: str | None, seed: int | None, n_users: int | None
+) -> materialize.FeaturesRun:
     """Event tables, ``feast apply`` and incremental materialization (``materialize``)."""
     return materialize.run_features(
         Path(repo_path) if repo_path else None,
         seed=seed,
+        config=simulator.SimulatorConfig(n_users=n_users) if n_users else None,
     )
 
 
@@ -307,11 +311,13 @@ def refresh_features(repo_path: str | None, seed: int | None) -> materialize.Fea
 def features_flow(
     repo_path: str | None = None,
     seed: int | None = None,
+    n_users: int | None = None,
     reports_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Write (or load) the event tables, apply the Feast repository and materialize
-    incrementally into the online store."""
-    run = refresh_features(repo_path, seed)
+    """Write the simulator's event tables of ``seed`` (``n_users`` users; default: the
+    simulator's population) or load those in the repository's data/, apply the Feast
+    repository and materialize incrementally into the online store."""
+    run = refresh_features(repo_path, seed, n_users)
     report = materialize.report_markdown(run)
     path = _publish("features-report", report, reports_dir, f"feature refresh of {run.repo}")
     print(report)

@@ -271,6 +271,8 @@ def test_the_deployments_load_with_prefects_own_loader() -> None:
     from prefect.cli.deploy._config import _load_deploy_configs_and_actions
     from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
     from prefect.cli.deploy._triggers import _initialize_deployment_triggers
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+    from prefect.events.schemas.events import ResourceSpecification
     from prefect.flows import load_flow_from_entrypoint
     from rich.console import Console
 
@@ -291,7 +293,7 @@ def test_the_deployments_load_with_prefects_own_loader() -> None:
         assert config["work_pool"]["name"] == "ml-serving-pipelines"
         assert config["work_pool"]["job_variables"]["image"].startswith("ml-serving-pipelines:")
         path, _, function = config["entrypoint"].partition(":")
-        flow = load_flow_from_entrypoint(f"{REPO / path}:{function}")
+        flow: Any = load_flow_from_entrypoint(f"{REPO / path}:{function}")
         # Loaded from the file as the worker loads it: the flow of that name in FLOWS.
         assert flow.fn.__name__ == flows.FLOWS[flow.name].fn.__name__ == function
         flow.validate_parameters(config.get("parameters", {}))
@@ -309,7 +311,9 @@ def test_the_deployments_load_with_prefects_own_loader() -> None:
     (trigger,) = _initialize_deployment_triggers(
         "promote-after-train", by_name["promote-after-train"]["triggers"]
     )
+    assert isinstance(trigger, DeploymentEventTrigger)
     assert trigger.expect == {"prefect.flow-run.Completed"}
+    assert isinstance(trigger.match_related, ResourceSpecification)
     assert trigger.match_related.model_dump() == {
         "prefect.resource.role": "flow",
         "prefect.resource.name": "train",
@@ -332,3 +336,26 @@ def test_the_serving_image_carries_no_prefect() -> None:
     assert pinned and not pinned & {"prefect", "feast", "sqlalchemy", "matplotlib"}
     pipelines = (REPO / "deploy" / "pipelines" / "Dockerfile").read_text()
     assert '"prefect==3.9.1"' in pipelines and "requirements.lock" in pipelines
+
+
+def test_the_features_flow_writes_applies_and_materializes(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    repo = tmp_path / "feature_repo"
+    repo.mkdir()
+    for name in ("feature_store.yaml", "tips.py"):
+        (repo / name).write_text((REPO / "feature_repo" / name).read_text())
+    # A small population: the default one takes a minute more to materialize here.
+    result = flows.features_flow(
+        repo_path=str(repo), seed=5, n_users=120, reports_dir=str(tmp_path)
+    )
+    assert result["rows"]["users"] > 0 and result["rows"]["impressions"] > 0
+    assert set(result["seconds"]) == {"write_event_tables", "apply", "materialize_first"}
+    with sqlite3.connect(repo / "data" / "online_store.db") as db:
+        (users,) = db.execute(
+            "SELECT COUNT(DISTINCT entity_key) FROM tips_user_features"
+        ).fetchone()
+    db.close()
+    assert users == 120
+    report = Path(result["report"]).read_text()
+    assert "# Feature refresh: feature_repo" in report and "| impressions |" in report
