@@ -18,7 +18,7 @@ import pytest
 
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
-from ml_serving._proto.mlserving.v1 import scoring_pb2
+from ml_serving._proto.mlserving.v1 import generation_pb2, scoring_pb2
 from ml_serving.api import server
 from ml_serving.scoring import features
 from tests.support.feature_store import RedisServer, redis_yaml, small_repo
@@ -37,8 +37,11 @@ def latest(repo: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """What materialize put online: each user's and tip's latest snapshot."""
     users = pd.read_parquet(repo / "data" / "users.parquet")
     tips = pd.read_parquet(repo / "data" / "tips.parquet")
-    last = lambda df, key: df.sort_values("event_timestamp").groupby(key).tail(1).set_index(key)  # noqa: E731
-    return last(users, "user_id"), last(tips, "tip_id")
+    return _last(users, "user_id"), _last(tips, "tip_id")
+
+
+def _last(frame: pd.DataFrame, key: str) -> pd.DataFrame:
+    return frame.sort_values("event_timestamp").groupby(key).tail(1).set_index(key)
 
 
 def _by_ids(user: str, tips: list[str], **extra: Any) -> pb.ScoreRequest:
@@ -72,7 +75,9 @@ def _full(user_row: pd.Series, tip_rows: pd.DataFrame, **override: float) -> pb.
                 a = affinity[tip["category"]]
                 values.append(features.TOPIC_AFFINITY_PRIOR if pd.isna(a) else float(a))
             elif pd.isna(tip[name]):
-                values.append(float(features.CANDIDATE_FEATURES[names.index(name)].default))
+                default = features.CANDIDATE_FEATURES[names.index(name)].default
+                assert default is not None
+                values.append(default)
             else:
                 values.append(float(tip[name]))
     return pb.ScoreRequest(
@@ -169,7 +174,7 @@ async def test_request_time_features_must_still_be_sent(stub: Any) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await client.Score(pb.ScoreRequest(user_id="user-1", candidate_ids=["tip-1"]))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert caught.value.details().startswith("context_feature_names: missing request-time")
+    assert (caught.value.details() or "").startswith("context_feature_names: missing request-time")
 
 
 async def test_generate_fills_an_empty_prompt_context_from_the_profile_view(
