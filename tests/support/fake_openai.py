@@ -158,10 +158,14 @@ class FakeOpenAI:
         if stream:
             head = 'data: {"id":"f","choices":[{"index":0,"delta":{"content":"'
         piece = b"x" * 65536
-        await response.write(head.encode())
-        for _ in range(FLOOD_BYTES // len(piece)):
-            await response.write(piece)
-        await response.write(b'"},"finish_reason":"stop"}]}' + (b"\n\n" if stream else b""))
+        try:
+            await response.write(head.encode())
+            for _ in range(FLOOD_BYTES // len(piece)):
+                await response.write(piece)
+            await response.write(b'"},"finish_reason":"stop"}]}' + (b"\n\n" if stream else b""))
+        except ConnectionResetError:
+            # The reader hung up part way (what a bounded reader does): counted as a cancel.
+            self.cancelled += 1
         return response
 
     async def _stream(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -143,7 +144,10 @@ def outcome(exc: BaseException) -> Outcome | None:
 def to_serving_error(exc: BaseException) -> BaseException:
     """What a gateway call raises for `exc`: the table's domain error for an LLM failure
     (logged once, by type), anything else unchanged and unlogged."""
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit | errors.ServingError):
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return exc
+    if isinstance(exc, errors.ServingError):
+        _drop_locals(exc)
         return exc
     row = outcome(exc)
     if row is None:
@@ -152,4 +156,26 @@ def to_serving_error(exc: BaseException) -> BaseException:
     # traceback (and its text) goes out only at DEBUG, like prompts and completions.
     logger.info("LLM call failed: %s", type(exc).__name__)
     logger.debug("LLM call failure detail", exc_info=exc)
+    _drop_locals(exc)
     return row.error()
+
+
+def _drop_locals(exc: BaseException) -> None:
+    """Clear the locals of the finished frames in `exc`'s tracebacks (its causes' too).
+
+    A failed read leaves its buffers (the bytes read so far, the SSE splitter's unfinished
+    line: up to an answer's bound) in those frames, and frame -> exception -> traceback ->
+    frame is a cycle: only the cyclic GC, which runs rarely once the import heap is frozen,
+    frees it. Measured: a server's heap grew by 6 MB per wave of 64 refused 50 MB answers and
+    stayed there. The traceback keeps its lines; frames still running are left alone.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen or len(seen) > 16:
+            continue
+        seen.add(id(current))
+        if current.__traceback__ is not None:
+            traceback.clear_frames(current.__traceback__)
+        todo += (current.__cause__, current.__context__)

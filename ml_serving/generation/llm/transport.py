@@ -10,8 +10,12 @@ once rather than returning it to the pool half read, so the upstream sees the ha
 
 from __future__ import annotations
 
+import asyncio
 import codecs
-from collections.abc import AsyncIterator, Mapping
+import ctypes
+import ctypes.util
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
 import aiohttp
@@ -43,6 +47,24 @@ def _too_large(read: int, bound: int) -> AnswerTooLarge:
     return AnswerTooLarge(f"the answer is larger than its request allows ({read} > {bound} bytes)")
 
 
+TRIM_AFTER_BYTES = 4 * 1024 * 1024
+"""Once this much was held since the last trim and nothing is held any more, the heap's free
+pages go back to the system (`_trim`)."""
+_TRIM_EVERY_S = 2.0
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None elsewhere (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    return None if trim is None else trim
+
+
+_malloc_trim = _libc_trim()
+
+
 class AnswerBudget:
     """Bytes of upstream answers held at once, summed over every call of the process.
 
@@ -51,7 +73,16 @@ class AnswerBudget:
     its call fails with errors.AnswerBudgetSpent (UNAVAILABLE, or the fallback tip).
     """
 
-    __slots__ = ("held", "limit", "peak", "refused")
+    __slots__ = (
+        "_since_trim",
+        "_trim_timer",
+        "_trimmed_at",
+        "held",
+        "limit",
+        "peak",
+        "refused",
+        "trims",
+    )
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -59,6 +90,11 @@ class AnswerBudget:
         self.peak = 0
         self.refused = 0
         """Answers given up because the budget was spent."""
+        self.trims = 0
+        """Times the heap was trimmed after a burst."""
+        self._since_trim = 0
+        self._trimmed_at = 0.0
+        self._trim_timer: asyncio.TimerHandle | None = None
 
     def take(self, n: int) -> None:
         """Hold `n` more bytes, or raise AnswerBudgetSpent (nothing held then)."""
@@ -69,12 +105,38 @@ class AnswerBudget:
                 "the server is holding too many upstream answers at once; retry shortly"
             )
         self.held = held
+        self._since_trim += n
         if held > self.peak:
             self.peak = held
 
     def give(self, n: int) -> None:
-        """Return `n` bytes taken before."""
+        """Return `n` bytes taken before; after a burst, the memory it took goes back."""
         self.held -= n
+        if self.held == 0 and self._since_trim >= TRIM_AFTER_BYTES:
+            self._trim()
+
+    def _trim(self) -> None:
+        # Answers arrive in pieces of up to 64 KiB, below glibc's mmap threshold: freed, they
+        # stay in the heap and the process keeps its peak (a wave of 64 such answers left RSS
+        # 1 GB up 10 s later). malloc_trim hands the free pages back; at most every 2 s, the
+        # last burst's trim waits for its turn.
+        if _malloc_trim is None or self.held or self._since_trim < TRIM_AFTER_BYTES:
+            return
+        now = time.monotonic()
+        wait = self._trimmed_at + _TRIM_EVERY_S - now
+        if wait > 0:
+            if self._trim_timer is None:
+                loop = asyncio.get_running_loop()
+                self._trim_timer = loop.call_later(wait, self._timer_fired)
+            return
+        self._trimmed_at = now
+        self._since_trim = 0
+        self.trims += 1
+        _malloc_trim(0)
+
+    def _timer_fired(self) -> None:
+        self._trim_timer = None
+        self._trim()
 
 
 class _Held:
