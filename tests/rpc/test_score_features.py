@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ml_serving._proto.mlserving.v1 import generation_pb2, scoring_pb2
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
-from ml_serving._proto.mlserving.v1 import generation_pb2, scoring_pb2
 from ml_serving.api import server
 from ml_serving.scoring import features
 from tests.support.feature_store import RedisServer, redis_yaml, small_repo
@@ -186,7 +186,8 @@ async def test_generate_fills_an_empty_prompt_context_from_the_profile_view(
     user = str(streaky.index[0])
     reply = await client.Generate(pb.GenerateRequest(user_id=user))
     assert f"{int(streaky.iloc[0]['streak_days'])}-day streak" in reply.text
-    sent = await client.Generate(pb.GenerateRequest(user_id=user, context={"streak_days": 4321}))
+    tip = generation_pb2.TipContext(streak_days=4321)
+    sent = await client.Generate(pb.GenerateRequest(user_id=user, context=tip))
     assert "4321-day streak" in sent.text
     assert app.features.lookups[(features.USER_PROFILE_VIEW, "hit")] >= 2
 
