@@ -55,7 +55,9 @@ runpy.run_module("ml_serving.training", run_name="__main__")
             AVX512,
             "Haswell",
             id="no-avx512",
-            marks=pytest.mark.skipif(not set(AVX2) & set(FOUND), reason="this CPU has no AVX2"),
+            marks=pytest.mark.skipif(
+                not set(AVX2) & set(FOUND), reason="numpy runs no AVX2 kernel here"
+            ),
         ),
         # An x86-64-v2 machine (SSE4.2, no AVX): numpy's baseline, OpenBLAS's Nehalem kernels.
         pytest.param(AVX512 + AVX2, "Nehalem", id="no-avx2"),
