@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError, Message
 ENTITY_KEY_SERIALIZATION_VERSION: Final = 3
 """The only entity-key encoding this reader speaks (Feast's default since 0.43)."""
 _STRING_TYPE: Final = 2  # feast.types.ValueType.STRING
+_DOUBLE: Final = struct.Struct("<d")
 
 Scalar = float | str | tuple[str, ...] | None
 """A decoded stored value: a number, a string, a string list, or None for a null."""
@@ -107,6 +108,25 @@ _Timestamp: Final[type[Message]] = message_factory.GetMessageClass(
 def decode_value(data: bytes) -> Scalar:
     """One stored ``feast.types.Value`` -> a number, string, string tuple, or None (null or
     unset). Raises ``MalformedValue`` for bytes that do not parse or a type not used here."""
+    # Fast paths for what the model views hold (one tag byte, then the value): a double is 9
+    # bytes, an int64 a varint. Anything else goes through the message class.
+    n = len(data)
+    if n == 0:
+        return None
+    tag = data[0]
+    if tag == 0x29 and n == 9:  # double_val (field 5, 64-bit)
+        value: float = _DOUBLE.unpack_from(data, 1)[0]
+        return value
+    if tag == 0x20 and 1 < n <= 11:  # int64_val (field 4, varint)
+        result = shift = 0
+        for i in range(1, n):
+            byte = data[i]
+            result |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                if i != n - 1:
+                    break  # trailing bytes: let the parser judge them
+                return float(result - (1 << 64) if result >= 1 << 63 else result)
     message = _Value()
     try:
         message.ParseFromString(data)

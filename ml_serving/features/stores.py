@@ -11,7 +11,9 @@ import ssl
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Protocol
+
+import hiredis
 
 from ml_serving.features import codec
 from ml_serving.features.repo import RedisAddress, StoreConfig
@@ -146,8 +148,6 @@ class SqliteStore:
 
 # --- Redis: a pipelined RESP2 connection on the event loop ---------------------------------
 
-_NEED_MORE: Final = object()
-
 
 def _command(*args: bytes) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
@@ -163,36 +163,53 @@ class _RespProtocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.pending: collections.deque[asyncio.Future[object]] = collections.deque()
-        self.buffer = bytearray()
-        self.closed = asyncio.get_running_loop().create_future()
+        self.reader = hiredis.Reader()  # the C parser redis-py uses too
+        self.loop = asyncio.get_running_loop()
+        self.closed = self.loop.create_future()
+        self._outgoing: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def send(self, payload: bytes) -> asyncio.Future[object]:
-        assert self.transport is not None
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        """Queue one command; the commands of one loop turn leave in one write (one syscall
+        for all the lookups of the Score calls that turn handled)."""
+        future: asyncio.Future[object] = self.loop.create_future()
         self.pending.append(future)
-        self.transport.write(payload)
+        if not self._outgoing:
+            self.loop.call_soon(self._flush)
+        self._outgoing.append(payload)
         return future
 
+    def _flush(self) -> None:
+        payload = b"".join(self._outgoing)
+        self._outgoing.clear()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(payload)
+
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while self.pending or self.buffer:
-            reply, used = _parse(self.buffer, 0)
-            if reply is _NEED_MORE:
+        reader = self.reader
+        reader.feed(data)
+        pending = self.pending
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                self._fail(StoreError("malformed", f"Redis protocol error: {exc}"))
                 return
-            del self.buffer[:used]
-            if not self.pending:  # an answer nobody asked for: the connection is confused
+            if reply is False:
+                return
+            if not pending:  # an answer nobody asked for: the connection is confused
                 self._fail(StoreError("malformed", "unexpected reply from Redis"))
                 return
-            future = self.pending.popleft()
-            if not future.done():  # a lookup that timed out leaves its answer to be dropped
-                if isinstance(reply, StoreError):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
+            future = pending.popleft()
+            if future.done():  # a lookup that timed out leaves its answer to be dropped
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                future.set_exception(StoreError("unavailable", f"Redis error: {reply}"))
+            else:
+                future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(StoreError("unavailable", f"Redis connection lost: {exc or 'closed'}"))
@@ -208,40 +225,6 @@ class _RespProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-def _parse(buf: bytearray, pos: int) -> tuple[object, int]:
-    """One RESP2 reply from ``buf[pos:]`` -> (value, end); ``_NEED_MORE`` when incomplete."""
-    end = buf.find(b"\r\n", pos)
-    if end < 0:
-        return _NEED_MORE, pos
-    kind, line = buf[pos : pos + 1], bytes(buf[pos + 1 : end])
-    after = end + 2
-    if kind == b"+":
-        return line, after
-    if kind == b"-":
-        return StoreError("unavailable", f"Redis error: {line.decode(errors='replace')}"), after
-    if kind == b":":
-        return int(line), after
-    if kind == b"$":
-        length = int(line)
-        if length < 0:
-            return None, after
-        if len(buf) < after + length + 2:
-            return _NEED_MORE, pos
-        return bytes(buf[after : after + length]), after + length + 2
-    if kind == b"*":
-        count = int(line)
-        if count < 0:
-            return None, after
-        items: list[object] = []
-        for _ in range(count):
-            item, after = _parse(buf, after)
-            if item is _NEED_MORE:
-                return _NEED_MORE, pos
-            items.append(item)
-        return items, after
-    return StoreError("malformed", f"unknown Redis reply type {kind!r}"), len(buf)
-
-
 class RedisStore:
     """Feast's Redis online store: one hash per entity (key: serialized entity key + project),
     fields ``mmh3("<view>:<feature>")`` and ``_ts:<view>``. The connection is made in the
@@ -252,17 +235,25 @@ class RedisStore:
         self.address = address
         self._protocol: _RespProtocol | None = None
         self._connecting: asyncio.Task[None] | None = None
-        self._fields: dict[tuple[str, tuple[str, ...]], list[bytes]] = {}
+        self._fields: dict[tuple[str, tuple[str, ...]], tuple[int, bytes]] = {}
         self.connect_timeout_s = 1.0
 
     def _hash_fields(self, view: str, fields: Sequence[str]) -> list[bytes]:
-        key = (view, tuple(fields))
-        names = self._fields.get(key)
-        if names is None:
-            names = [codec.redis_field(view, f) for f in fields]
-            names.append(codec.redis_timestamp_field(view))
-            self._fields[key] = names
+        names = [codec.redis_field(view, f) for f in fields]
+        names.append(codec.redis_timestamp_field(view))
         return names
+
+    def _hmget_tail(self, view: str, fields: Sequence[str]) -> tuple[int, bytes]:
+        """(argument count, the encoded field arguments) of a view's HMGET: the same bytes for
+        every entity, built once."""
+        key = (view, tuple(fields))
+        tail = self._fields.get(key)
+        if tail is None:
+            names = self._hash_fields(view, fields)
+            encoded = b"".join(b"$%d\r\n%s\r\n" % (len(n), n) for n in names)
+            tail = (len(names) + 2, encoded)
+            self._fields[key] = tail
+        return tail
 
     async def read(
         self, view: str, join_key: str, entity: str, fields: Sequence[str], timeout_s: float
@@ -272,16 +263,18 @@ class RedisStore:
             self._protocol = None
             self._connect_in_background()
             raise StoreError("unavailable", "no Redis connection (connecting in the background)")
-        names = self._hash_fields(view, fields)
+        count, tail = self._hmget_tail(view, fields)
         key = codec.redis_key(join_key, entity, self.project)
-        future = protocol.send(_command(b"HMGET", key, *names))
+        future = protocol.send(
+            b"*%d\r\n$5\r\nHMGET\r\n$%d\r\n%s\r\n%s" % (count, len(key), key, tail)
+        )
         loop = asyncio.get_running_loop()
         timer = loop.call_later(timeout_s, _expire, future)
         try:
             reply = await future
         finally:
             timer.cancel()
-        if not isinstance(reply, list) or len(reply) != len(names):
+        if not isinstance(reply, list) or len(reply) != count - 2:
             raise StoreError("malformed", "HMGET answered with something else")
         *values, ts = reply
         if ts is None and all(v is None for v in values):
