@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from bench import check, report, runner
+from bench import check, features, report, runner
 from bench.scenarios import BENCH_DIR, default_plan, override, smoke_plan
 
 T = TypeVar("T")
@@ -120,11 +120,15 @@ def run_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     plan = smoke_plan() if args.smoke else default_plan()
+    # The feature-store scenario materializes two stores with Feast (about a minute): in a full
+    # run, or when named; not in the smoke run.
+    with_features = "features" in args.scenario if args.scenario else not args.smoke
     if args.scenario:
-        unknown = set(args.scenario) - {s.name for s in plan}
+        args.scenario = [name for name in args.scenario if name != "features"]
+        unknown = set(args.scenario) - {s.name for s in plan} - {"features"}
         if unknown:
             parser.error(f"unknown scenario(s) {sorted(unknown)}; known: {[s.name for s in plan]}")
-        plan = [s for s in plan if s.name in args.scenario]
+        plan = [s for s in plan if s.name in args.scenario] if args.scenario else []
     plan = override(
         plan,
         concurrency=dict(args.concurrency),
@@ -151,12 +155,15 @@ def run_main(argv: list[str]) -> int:
         else (tuple(range(1, min(2, os.cpu_count() or 1) + 1)) if mode == "full" else ()),
     )
     results = runner.run(options)
+    if with_features:
+        results["features"] = features.run(options.log, smoke=args.smoke)
     verdicts = report.write_all(results, out, check.THRESHOLDS if mode == "full" else None)
     print(f"wrote {out / 'results.json'}, {out / 'RESULTS.md'}, {out / 'latency.png'}")
     if verdicts is not None:
         for v in verdicts:
             print(f"  {'PASS' if v.ok else 'FAIL'}  {v.describe()}")
-    errors = sum(r["error_count"] for r in results["rows"])
+    feature_rows = (results.get("features") or {}).get("rows", [])
+    errors = sum(r["error_count"] for r in [*results["rows"], *feature_rows])
     if errors:
         print(f"bench: {errors} failed calls (see the errors column)", file=sys.stderr)
         return 1

@@ -78,7 +78,8 @@ def evaluate(results: dict[str, Any], rules: list[Rule]) -> list[Verdict]:
     """One verdict per rule; a rule with no measured row to judge fails (not measured)."""
     verdicts = []
     for rule in rules:
-        rows = [r for r in results.get("rows", []) if rule.matches(r)]
+        measured = [*results.get("rows", []), *(results.get("features") or {}).get("rows", [])]
+        rows = [r for r in measured if rule.matches(r)]
         where = f"{rule.scenario} {rule.target}" + (
             f" c={rule.concurrency}" if rule.concurrency is not None else ""
         )

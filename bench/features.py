@@ -90,9 +90,11 @@ def build_requests(repo: Path, n: int) -> tuple[list[bytes], list[bytes]]:
 
 async def _round(
     port: int, requests: list[bytes], concurrency: int, duration_s: float
-) -> list[float]:
-    """Closed loop: `concurrency` callers cycling through `requests` for `duration_s`."""
+) -> tuple[list[float], int]:
+    """Closed loop: `concurrency` callers cycling through `requests` for `duration_s`;
+    (latencies of the calls that succeeded, count of failed calls)."""
     latencies: list[float] = []
+    errors = 0
     options = [("grpc.use_local_subchannel_pool", 1)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
         call: Any = channel.unary_unary(SCORE_PATH)  # bytes in and out: no client-side parsing
@@ -100,14 +102,19 @@ async def _round(
         counter = iter(range(10**9))
 
         async def caller() -> None:
+            nonlocal errors
             while time.perf_counter() < end:
                 payload = requests[next(counter) % len(requests)]
                 started = time.perf_counter()
-                await call(payload, timeout=10)
+                try:
+                    await call(payload, timeout=10)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
                 latencies.append(time.perf_counter() - started)
 
         await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return latencies
+    return latencies, errors
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -126,17 +133,18 @@ def score_rows(
 ) -> dict[str, Any]:
     """Alternating rounds (full, ids, full, ids...) on one server: CPU per call and latency."""
     measured: dict[str, dict[str, Any]] = {
-        "full": {"cpu": 0.0, "lat": []},
-        "by_ids": {"cpu": 0.0, "lat": []},
+        "full": {"cpu": 0.0, "lat": [], "errors": 0},
+        "by_ids": {"cpu": 0.0, "lat": [], "errors": 0},
     }
     asyncio.run(_round(port, full[:200], concurrency, 1.0))  # warm both paths
     asyncio.run(_round(port, by_ids[:200], concurrency, 1.0))
     for _ in range(rounds):
         for kind, requests in (("full", full), ("by_ids", by_ids)):
             cpu0 = server.cpu_s()
-            lat = asyncio.run(_round(port, requests, concurrency, round_s))
+            lat, errors = asyncio.run(_round(port, requests, concurrency, round_s))
             measured[kind]["cpu"] += server.cpu_s() - cpu0
             measured[kind]["lat"].extend(lat)
+            measured[kind]["errors"] += errors
     out = {}
     for kind, m in measured.items():
         calls = len(m["lat"])
@@ -145,6 +153,7 @@ def score_rows(
             "server_cpu_per_call_ms": round(m["cpu"] / calls * 1000.0, 4),
             "p50_ms": round(_percentile(m["lat"], 50), 3),
             "p99_ms": round(_percentile(m["lat"], 99), 3),
+            "errors": m["errors"],
         }
     return out
 
@@ -223,6 +232,7 @@ def run(log: Callable[[str], None], smoke: bool = False) -> dict[str, Any]:
                         "scenario": "features_lookup",
                         "target": kind,
                         "concurrency": 1,
+                        "error_count": 0,
                         **cpu,
                         "vs_baseline": {"sdk_cpu_ratio": cpu["sdk_cpu_ratio"]},
                     }
@@ -255,6 +265,7 @@ def run(log: Callable[[str], None], smoke: bool = False) -> dict[str, Any]:
                     "concurrency": concurrency,
                     "by_ids": ids,
                     "every_value_sent": baseline,
+                    "error_count": ids["errors"] + baseline["errors"],
                     "vs_baseline": {
                         "cpu_per_call_ratio": round(
                             ids["server_cpu_per_call_ms"] / baseline["server_cpu_per_call_ms"], 3

@@ -532,7 +532,72 @@ def render_markdown(results: dict[str, Any], verdicts: list[Verdict] | None) -> 
             "",
         ]
     lines += ["## What limits scaling here", "", *_scaling_text(results), ""]
+    if results.get("features"):
+        lines += ["## Feature store (`bench/features.py`)", "", *feature_lines(results), ""]
     return "\n".join(lines)
+
+
+def feature_lines(results: dict[str, Any]) -> list[str]:
+    """The feature-store scenario: Score by ids against every value sent, lookup CPU."""
+    rows = results["features"]["rows"]
+    out = [
+        "Score at 8 in flight on one server whose online store is a real Redis filled by "
+        "Feast (5,000 users, 600 tips), a different user each call, 20 candidates, alternating "
+        "rounds of the two request forms; the user lookup against Feast's own "
+        "`get_online_features` for the same 11 fields (CPU of the calling process per lookup).",
+        "",
+    ]
+    for row in rows:
+        if row["scenario"] == "features_score":
+            ids, full = row["by_ids"], row["every_value_sent"]
+            out += _table(
+                ["request", "calls", "server CPU / call (ms)", "p50 (ms)", "p99 (ms)"],
+                [
+                    [
+                        "ids + request-time values",
+                        str(ids["calls"]),
+                        _f(ids["server_cpu_per_call_ms"], 3),
+                        _f(ids["p50_ms"], 2),
+                        _f(ids["p99_ms"], 2),
+                    ],
+                    [
+                        "every value sent",
+                        str(full["calls"]),
+                        _f(full["server_cpu_per_call_ms"], 3),
+                        _f(full["p50_ms"], 2),
+                        _f(full["p99_ms"], 2),
+                    ],
+                ],
+            )
+            ratio = row["vs_baseline"]
+            out += [
+                "",
+                f"By ids / every value sent: CPU per call {ratio['cpu_per_call_ratio']}x, "
+                f"p99 {ratio['p99_ratio']}x.",
+                "",
+            ]
+    lookups = [r for r in rows if r["scenario"] == "features_lookup"]
+    if lookups:
+        out += _table(
+            [
+                "store",
+                "ours, 8 in flight (µs)",
+                "ours, one at a time (µs)",
+                "get_online_features (µs)",
+                "SDK / ours",
+            ],
+            [
+                [
+                    r["target"],
+                    _f(r["ours_cpu_us"], 1),
+                    _f(r["ours_cpu_us_one_at_a_time"], 1),
+                    _f(r["sdk_cpu_us"], 1),
+                    f"{r['sdk_cpu_ratio']}x ({r['sdk_cpu_ratio_one_at_a_time']}x one at a time)",
+                ]
+                for r in lookups
+            ],
+        )
+    return out
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

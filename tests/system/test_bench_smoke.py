@@ -215,6 +215,37 @@ def synthetic_results(score_qps_ratio: float) -> dict[str, Any]:
     mixed = merge_results([_result(10, 2.0)])
     mixed.samples["Generate"] = Samples(latency=[0.5], ok=1)
     rows.append(runner.make_row("mixed", "server", 32, mixed, 100))
+    by_ids = {"calls": 900, "server_cpu_per_call_ms": 0.7, "p50_ms": 5.0, "p99_ms": 12.0}
+    full = {"calls": 1000, "server_cpu_per_call_ms": 0.65, "p50_ms": 5.0, "p99_ms": 11.0}
+    lookup = {
+        "ours_cpu_us": 30.0,
+        "ours_cpu_us_one_at_a_time": 45.0,
+        "sdk_cpu_us": 400.0,
+        "sdk_cpu_ratio": 13.3,
+        "sdk_cpu_ratio_one_at_a_time": 8.9,
+    }
+    feature_rows = [
+        {
+            "scenario": "features_score",
+            "target": "server",
+            "concurrency": 8,
+            "by_ids": by_ids,
+            "every_value_sent": full,
+            "error_count": 0,
+            "vs_baseline": {"cpu_per_call_ratio": 1.077, "p99_ratio": 1.09, "p50_ratio": 1.0},
+        },
+        *(
+            {
+                "scenario": "features_lookup",
+                "target": store,
+                "concurrency": 1,
+                "error_count": 0,
+                **lookup,
+                "vs_baseline": {"sdk_cpu_ratio": 13.3},
+            }
+            for store in ("redis", "sqlite")
+        ),
+    ]
     return {
         "mode": "full",
         "command": "python -m bench",
@@ -222,6 +253,7 @@ def synthetic_results(score_qps_ratio: float) -> dict[str, Any]:
         "elapsed_s": 1.0,
         "setup": {"plan": [], "client_processes": {"chosen": 1, "probe": None}},
         "rows": rows,
+        "features": {"rows": feature_rows},
     }
 
 
@@ -232,6 +264,7 @@ def test_report_writes_json_markdown_and_plot(tmp_path: Path) -> None:
     markdown = (tmp_path / "RESULTS.md").read_text()
     assert "## Score vs the bare gRPC ceiling" in markdown
     assert "| 64 |" in markdown and "What limits scaling here" in markdown
+    assert "## Feature store" in markdown and "get_online_features" in markdown
     assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert verdicts is not None and len(verdicts) == len(check.load_thresholds())
 
@@ -253,6 +286,11 @@ def test_check_passes_good_results_and_fails_bad_ones(tmp_path: Path) -> None:
     assert failed and all(
         v.rule.scenario == "generate_stream" and "not measured" in v.detail for v in failed
     )
+
+    slow_lookup = synthetic_results(0.9)
+    slow_lookup["features"]["rows"][1]["vs_baseline"]["sdk_cpu_ratio"] = 4.0
+    slow_scenarios = [v.rule.scenario for v in check.evaluate(slow_lookup, rules) if not v.ok]
+    assert slow_scenarios == ["features_lookup"]
 
     path = tmp_path / "results.json"
     path.write_text(json.dumps(missing))
