@@ -12,9 +12,11 @@ from tests.support.fake_openai import FakeOpenAI
 from tests.support.servers import StartServer, make_settings
 
 # Settings read the environment: a developer's own server settings or MLflow server must not
-# reach the tests, which set what they need themselves.
+# reach the tests, which set what they need themselves. ML_SERVING_STRESS is no setting: it
+# opts into the long tests (`make stress`), which read it when collected, after this.
 for _name in [n for n in os.environ if n.startswith("ML_SERVING_") or n == "MLFLOW_TRACKING_URI"]:
-    del os.environ[_name]
+    if _name != "ML_SERVING_STRESS":
+        del os.environ[_name]
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ def make(kind: Any, status: int = 500) -> Any:
         return kind(message="m", llm_provider="openai", model="m")
     if kind is e.BadGatewayError or kind is e.ServiceUnavailableError:
         return kind(message="m", llm_provider="openai", model="m")
-    if kind in (table().NoRouteAvailable, TimeoutError):
+    if kind in (table().NoRouteAvailable, TimeoutError, table().AnswerTooLarge):
         return kind("m")
     try:
         return kind(message="m", llm_provider="openai", model="m")

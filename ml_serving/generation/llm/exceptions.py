@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from ml_serving import errors
 from ml_serving.generation.llm.provider import llm_errors
+from ml_serving.generation.llm.transport import AnswerTooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,11 @@ TABLE: tuple[tuple[type[BaseException], Outcome], ...] = (
     (llm_errors.BadGatewayError, Outcome(_unavailable, True, "", True)),  # 502
     (llm_errors.APIResponseValidationError, Outcome(_unavailable, True, "", True)),
     (NoRouteAvailable, Outcome(_no_route, False, "", False)),
+    # An answer past its request's bound, refused while read: the route's failure (it counts
+    # towards its cooldown, and the fallbacks are tried), not retried as is: it would answer
+    # the same. Raised as is, not through LiteLLM's exception_type (2 ms of CPU a call, which
+    # a wave of them spent on the event loop Score shares).
+    (AnswerTooLarge, Outcome(_unavailable, False, "", True)),
     # Our own deadline (asyncio.timeout): the call's time is spent, nothing left to retry.
     (TimeoutError, Outcome(_deadline, False, "", False)),
 )

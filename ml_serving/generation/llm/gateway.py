@@ -434,6 +434,8 @@ class LLMGateway:
                 content = await response.read()
         except TimeoutError:
             raise route.timeout_error() from None
+        except transport.AnswerTooLarge:
+            raise  # ours to classify (exceptions.TABLE), at no LiteLLM cost
         except transport.TransportError as exc:
             raise route.connection_error(exc) from exc
         try:
@@ -481,6 +483,10 @@ class LLMGateway:
             if response is not None:
                 await response.close()
             raise route.timeout_error() from None
+        except transport.AnswerTooLarge:
+            if response is not None:
+                await response.close()
+            raise
         except transport.TransportError as exc:
             if response is not None:
                 await response.close()

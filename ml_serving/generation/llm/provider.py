@@ -26,7 +26,7 @@ from typing import Any
 
 from ml_serving import errors
 from ml_serving.generation.llm import tuning
-from ml_serving.generation.llm.transport import TransportError
+from ml_serving.generation.llm.transport import AnswerTooLarge, TransportError
 
 tuning.before_import()
 
@@ -429,10 +429,10 @@ class ProviderRoute:
                         error_message=f"malformed stream chunk: {exc}", status_code=500, headers={}
                     ) from exc
                 yield parse(chunk=chunk)
+        except (AnswerTooLarge, errors.ServingError):
+            raise  # the answer's bound, the answer budget: classified by us, not LiteLLM
         except TransportError as exc:
             raise self.mid_stream_error(self.connection_error(exc)) from exc
-        except errors.ServingError:
-            raise  # ours (the answer budget), not the upstream's: no retry, no cooldown
         except Exception as exc:
             raise self.mid_stream_error(exc) from exc
 
@@ -447,10 +447,10 @@ class ProviderRoute:
                     # "[DONE]" says finish_reason "stop" whatever the stream said before
                     # (LiteLLM's stream wrapper keeps the stream's own): skipped as well.
                     yield chunk
+        except (AnswerTooLarge, errors.ServingError):
+            raise  # the answer's bound, the answer budget: classified by us, not LiteLLM
         except TransportError as exc:
             raise self.mid_stream_error(self.connection_error(exc)) from exc
-        except errors.ServingError:
-            raise  # ours (the answer budget), not the upstream's: no retry, no cooldown
         except Exception as exc:
             raise self.mid_stream_error(exc) from exc
 
