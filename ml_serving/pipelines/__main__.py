@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     feat.add_argument("--n-users", type=int, help="the simulated population (with --seed)")
 
     tr = sub.add_parser("train", help="a new version with its card; never the champion")
-    tr.add_argument("--seed", type=int, help="the day's data (default: today's YYYYMMDD)")
+    tr.add_argument("--repo", dest="repo_path", help="train from this Feast repository's tables")
+    tr.add_argument("--seed", type=int, help="else the simulator's (default: today's YYYYMMDD)")
     tr.add_argument("--model-root", help="file registry (default: ML_SERVING_MODEL_ROOT)")
     tr.add_argument("--model-name", help="default: ML_SERVING_MODEL_NAME")
     tr.add_argument("--tracking-uri", help="MLflow (default: MLFLOW_TRACKING_URI)")

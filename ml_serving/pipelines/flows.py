@@ -130,7 +130,12 @@ def rewards_flow(
     cache_policy=NO_CACHE,
 )
 def train_and_register(
-    model_root: str, name: str, seed: int, tracking_uri: str | None, shadow: bool
+    model_root: str,
+    name: str,
+    seed: int,
+    tracking_uri: str | None,
+    shadow: bool,
+    repo_path: str | None,
 ) -> retrain.TrainOutcome:
     """Fit, evaluate and register a new version, never the champion (``retrain``)."""
     return retrain.train_version(
@@ -139,6 +144,7 @@ def train_and_register(
         seed=seed,
         tracking_uri=tracking_uri,
         shadow=shadow,
+        repo=Path(repo_path) if repo_path else None,
     )
 
 
@@ -149,11 +155,14 @@ def train_flow(
     model_name: str | None = None,
     tracking_uri: str | None = None,
     shadow: bool = True,
+    repo_path: str | None = None,
     reports_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Train a new version on the day's data (``seed``, default today's YYYYMMDD) and register
-    it with its card: MLflow (alias ``challenger``) when MLFLOW_TRACKING_URI is set, else the
-    file registry (named in SHADOW when ``shadow``). It never moves the champion."""
+    """Train a new version from the Feast repository ``repo_path`` (the features flow's; the
+    model's feature service, point in time), or without one from the simulator's tables of
+    ``seed`` (default today's YYYYMMDD), and register it with its card: MLflow (alias
+    ``challenger``) when MLFLOW_TRACKING_URI is set, else the file registry (named in SHADOW
+    when ``shadow``). It never moves the champion."""
     settings = Settings()
     outcome = train_and_register(
         model_root or str(settings.model_root),
@@ -161,6 +170,7 @@ def train_flow(
         seed if seed is not None else retrain.daily_seed(),
         tracking_uri or settings.mlflow_tracking_uri,
         shadow,
+        repo_path,
     )
     card = outcome.model.card
     png = retrain.calibration_png(card)

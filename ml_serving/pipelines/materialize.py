@@ -1,10 +1,8 @@
 """Feature refresh: write or load the event tables, apply the Feast repository, materialize.
 
-The event tables are the simulator's (``training.simulator.simulate_events`` written by
-``write_event_tables`` as Parquet into the repository's ``data/``) when a seed is given, else
-the tables already there. ``feast apply`` and ``feast materialize-incremental`` run as Feast's
-own command line in a child process with the repository as its working directory (Feast's
-apply changes the working directory of the process that runs it). Materialization is
+The steps are ``training.feature_store``'s (what ``make features`` runs): the simulator's
+event tables written as Parquet into the repository's ``data/`` when a seed is given (else the
+tables already there), ``apply`` (``feast apply`` in-process), then materialization. It is
 incremental: each run loads what is newer than the last run's end, up to the newest event (the
 first run of a repository, the whole window of its tables).
 """
@@ -12,25 +10,19 @@ first run of a repository, the whole window of its tables).
 from __future__ import annotations
 
 import datetime as dt
-import re
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ml_serving.training import simulator
+from ml_serving.training import feature_store, simulator
 
-REPO: Final = Path(__file__).resolve().parents[2] / "feature_repo"
+REPO: Final = feature_store.SHIPPED_REPO
 """The project's Feast repository."""
 TABLES: Final = ("users", "tips", "impressions")
-FEAST_TIMEOUT_S: Final = 600.0
-"""Longest one Feast command may run."""
 MARKER: Final = "materialized_to"
 """``data/<MARKER>``: where the last run materialized up to (absent: the first run loads the
 tables' whole window)."""
-_ANSI: Final = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
@@ -44,8 +36,8 @@ class FeaturesRun:
     end: dt.datetime
     """Materialized up to here (the newest event timestamp)."""
     seconds: dict[str, float] = field(default_factory=dict)
-    output: str = ""
-    """What Feast printed (views and intervals materialized)."""
+    views: list[str] = field(default_factory=list)
+    """The feature views materialized."""
 
     def summary(self) -> dict[str, Any]:
         """The run's figures as plain values."""
@@ -55,26 +47,8 @@ class FeaturesRun:
             "rows": self.rows,
             "materialized_to": self.end.isoformat(),
             "seconds": self.seconds,
+            "views": self.views,
         }
-
-
-def feast(repo: Path, *args: str) -> str:
-    """Run Feast's command line on ``repo``; RuntimeError with its output when it fails."""
-    command = [sys.executable, "-c", "from feast.cli.cli import cli; cli()", *args]
-    done = subprocess.run(
-        command,
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=FEAST_TIMEOUT_S,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"feast {' '.join(args)} failed ({done.returncode}): "
-            f"{(done.stderr or done.stdout).strip()[-2000:]}"
-        )
-    return _ANSI.sub("", done.stdout)
 
 
 def _tables(data: Path) -> tuple[dict[str, int], dt.datetime, dt.datetime]:
@@ -112,30 +86,26 @@ def run_features(
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     if seed is not None:
-        tables = simulator.simulate_events(seed, config)
-        simulator.write_event_tables(tables, data)
+        feature_store.write_events(repo, seed, config)
         seconds["write_event_tables"] = round(time.perf_counter() - started, 2)
     rows, oldest, newest = _tables(data)
     started = time.perf_counter()
-    output = feast(repo, "apply")
+    fs = feature_store.apply(repo)
+    views = sorted(view.name for view in fs.list_feature_views())
     seconds["apply"] = round(time.perf_counter() - started, 2)
     end = newest.astimezone(dt.UTC) + dt.timedelta(seconds=1)
     started = time.perf_counter()
     marker = data / MARKER
-    stamp = end.strftime("%Y-%m-%dT%H:%M:%S")
     if marker.is_file():
-        output += feast(repo, "materialize-incremental", stamp)
+        feature_store.materialize_incremental(repo, end)
         seconds["materialize_incremental"] = round(time.perf_counter() - started, 2)
     else:
         # Feast starts a first incremental run at now - ttl, which skips event tables whose
         # times lie further back (the simulator's window): the first run loads them all.
-        first = oldest.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        output += feast(repo, "materialize", first, stamp)
+        feature_store.materialize(repo, start=oldest.astimezone(dt.UTC), end=end)
         seconds["materialize_first"] = round(time.perf_counter() - started, 2)
     marker.write_text(end.isoformat() + "\n", encoding="utf-8")
-    return FeaturesRun(
-        repo=repo, seed=seed, rows=rows, end=end, seconds=seconds, output=output.strip()
-    )
+    return FeaturesRun(repo=repo, seed=seed, rows=rows, end=end, seconds=seconds, views=views)
 
 
 def report_markdown(run: FeaturesRun) -> str:
@@ -159,8 +129,6 @@ def report_markdown(run: FeaturesRun) -> str:
         "| --- | --- |",
         *(f"| {step} | {s} |" for step, s in run.seconds.items()),
         "",
-        "```",
-        run.output[-4000:],
-        "```",
+        "Feature views: " + ", ".join(run.views) + ".",
     ]
     return "\n".join(lines) + "\n"

@@ -52,18 +52,22 @@ def train_version(
     tracking_uri: str | None = None,
     shadow: bool = True,
     config: simulator.SimulatorConfig | None = None,
+    repo: Path | None = None,
 ) -> TrainOutcome:
-    """Train on the data of ``seed`` and register the result as a new version (never the
-    champion): MLflow with the ``challenger`` alias when ``tracking_uri`` is set, else the file
-    registry under ``model_root`` (named in ``SHADOW`` when ``shadow``)."""
+    """Train and register the result as a new version (never the champion): MLflow with the
+    ``challenger`` alias when ``tracking_uri`` is set, else the file registry under
+    ``model_root`` (named in ``SHADOW`` when ``shadow``). The training set is Feast's
+    point-in-time join on the model's feature service (``training.train``): from ``repo``'s
+    event tables (the features flow's repository; its manifest's seed), or without one from
+    the simulator's tables of ``seed`` in a temporary repository."""
     if tracking_uri:
         # MLflow numbers the version: train under a placeholder, restamped once registered.
-        result = train.train(seed, name=name, version="0", config=config)
+        result = train.train(seed, name=name, version="0", config=config, repo=repo)
         model = train.log_to_mlflow(result, tracking_uri, promote=False)
         return TrainOutcome(model, "MLflow registry (alias challenger)", shadow=True)
     registry = ModelRegistry(model_root)
     version = next_version(registry, name)
-    result = train.train(seed, name=name, version=version, config=config)
+    result = train.train(seed, name=name, version=version, config=config, repo=repo)
     registry.add_version(name, version, result.model.weights, result.model.card)
     if shadow:
         set_shadow(registry, name, version)

@@ -359,3 +359,10 @@ def test_the_features_flow_writes_applies_and_materializes(
     assert users == 120
     report = Path(result["report"]).read_text()
     assert "# Feature refresh: feature_repo" in report and "| impressions |" in report
+    # The daily train deployment's path: a version from this repository's tables.
+    trained = flows.train_flow(
+        repo_path=str(repo), model_root=str(tmp_path / "models"), reports_dir=str(tmp_path)
+    )
+    card = ModelRegistry(tmp_path / "models").load(NAME, trained["version"]).card
+    assert card["training_data"]["seed"] == 5
+    assert card["training_data"]["users"]["total"] <= 120
