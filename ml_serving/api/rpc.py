@@ -391,10 +391,12 @@ def server_streaming(handler: StreamHandler[S, Req, Resp, P]) -> StreamHandler[S
                 call.finish("CANCELLED")
                 raise
             # Ended by watch_stalls: the client cannot take a status either (its window is
-            # shut); grpc resets the stream when the connection ages out.
+            # shut); grpc resets the stream when the connection ages out. Raised on, as any
+            # cancellation: returning made grpc send a status behind the write still pending,
+            # which it refused and logged at ERROR (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS).
             call.notes["stalled_s"] = self.gate.stall_timeout_s
             call.finish("CANCELLED")
-            return
+            raise
         except Exception as exc:
             await call.fail(exc)
             return
