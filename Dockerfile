@@ -6,6 +6,12 @@ RUN python -m venv /opt/venv
 COPY requirements.lock ./
 # requirements.lock holds runtime dependencies only, hash-locked; dev tools never enter the image.
 RUN /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.lock
+# The embedded feature store (definitions, feature_store.yaml, the sqlite online store unpacked):
+# the default ML_SERVING_FEATURE_REPO. Production mounts a Redis feature_store.yaml over it
+# (deploy/overlays/redis). Feast itself is not installed: the server reads its format directly.
+COPY feature_repo/feature_store.yaml feature_repo/tips.py feature_repo/
+COPY feature_repo/data/online_store.db.gz feature_repo/data/
+RUN gunzip feature_repo/data/online_store.db.gz
 
 FROM python:3.11-slim-bookworm
 ENV PATH=/opt/venv/bin:$PATH \
@@ -20,6 +26,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --no-create-home app
 COPY --from=build /opt/venv /opt/venv
 COPY --chown=app:app models /app/models
+COPY --from=build /src/feature_repo /app/feature_repo
 # The package runs from its source (PYTHONPATH): no build step, so no build backend to install.
 COPY ml_serving /app/ml_serving
 WORKDIR /app
