@@ -3,12 +3,13 @@
 numpy and OpenBLAS pick SIMD kernels by CPU (AVX-512, AVX2, SSE), and kernels of different
 widths add in different orders, so one seed trained on two machines gives weights that differ in
 their last bits: hashes of trained artefacts differ, and exact float equality is a test of the
-CPU, not of the code. Measured on the shipped model (numpy 2.4.6, OpenBLAS 0.3.31, retrained with
-the AVX-512 kernels, without them, and without AVX2): coefficients moved by up to 1e-13
-(along the categories-versus-intercept direction, which only the L2 penalty pins down), held-out
-predictions by up to 3e-16, the rounded card metrics not at all. The tolerances below sit far
-above that noise and far below what any change of data, seed or code moves (a seed moves AUC in
-its third decimal). On one machine a run is bit-for-bit repeatable: ``EXACT`` says so.
+CPU, not of the code. Measured on the shipped model, before and after its training moved to
+Feast (numpy 2.4.6, OpenBLAS 0.3.31, retrained with the AVX-512 kernels, without them, and
+without AVX2): coefficients moved by up to 1e-13 (along the categories-versus-intercept
+direction, which only the L2 penalty pins down), reference predictions by up to 3e-16, the
+rounded card metrics not at all. The tolerances below sit far above that noise and far below
+what a change of data, seed or code moves (another seed moved AUC in its third decimal). On one
+machine a run is bit-for-bit repeatable: ``EXACT`` says so.
 """
 
 from __future__ import annotations
