@@ -27,6 +27,7 @@ from pydantic import SecretStr
 from ml_serving import errors
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving.api import security
+from ml_serving.generation.context import MAX_ID_CHARS
 from ml_serving.observability import tracing
 from ml_serving.observability.logs import FieldsLogger, access_notes_var, request_id_var
 
@@ -53,7 +54,7 @@ METHOD_TYPES: Final = {m.name: _cardinality(m) for m in SERVICE_DESCRIPTOR.metho
 _WRAPPED_AS = "__rpc_layer__"
 """Attribute the layer's wrappers carry: the grpc_type they implement."""
 REQUEST_ID_KEY = "x-request-id"
-_MAX_REQUEST_ID_LEN = 128
+_MAX_REQUEST_ID_LEN = MAX_ID_CHARS
 # Status messages ride in the grpc-message header (percent-encoded, so up to 9 bytes per
 # character) and clients refuse metadata over 16 KiB: a longer message would turn the status
 # into a client-side RESOURCE_EXHAUSTED. Domain messages stay far below this; it is a backstop.
@@ -158,18 +159,22 @@ class _RequestIds:
 _request_ids = _RequestIds()
 
 
-def _request_id(metadata: Sequence[tuple[str, Any]]) -> str:
+def _request_id(metadata: Sequence[tuple[str, Any]]) -> tuple[str, int]:
+    """The call's request id, and the length of the caller's when it was over the bound on ids
+    (0 otherwise): such a call gets a generated id and is refused (INVALID_ARGUMENT)."""
     for key, value in metadata:
         if key == REQUEST_ID_KEY and isinstance(value, str) and value:
             # Caller-chosen ids go to logs and back out in the trailers, where grpc refuses any
             # value that is not printable ASCII (the whole call then ends INTERNAL, after the
-            # work is done): keep them short and printable ASCII only.
+            # work is done): keep them printable ASCII only.
             if not (value.isascii() and value.isprintable()):
                 value = "".join(ch for ch in value if ch.isascii() and ch.isprintable())
-            clean = value[:_MAX_REQUEST_ID_LEN]
-            if clean:
-                return clean
-    return _request_ids.next()
+            if len(value) > _MAX_REQUEST_ID_LEN:
+                # Cut short, it would correlate this call with someone else's.
+                return _request_ids.next(), len(value)
+            if value:
+                return value, 0
+    return _request_ids.next(), 0
 
 
 @dataclass(frozen=True)
@@ -258,7 +263,7 @@ class _Call:
         self.context = context
         # Read once: request id, tracing and the bearer check all look at it.
         self.metadata: Sequence[tuple[str, Any]] = tuple(context.invocation_metadata() or ())
-        self.request_id = _request_id(self.metadata)
+        self.request_id, self._long_id = _request_id(self.metadata)
         self.notes: dict[str, Any] = {}
         self.admitted = False
         self.started = gate.last_arrival = time.perf_counter()
@@ -273,6 +278,11 @@ class _Call:
         security.check_bearer(self.metadata, self.gate.auth_token)
         self.gate.admit()
         self.admitted = True
+        if self._long_id:
+            raise errors.InvalidArgument(
+                REQUEST_ID_KEY,
+                f"too long: {self._long_id} characters, at most {_MAX_REQUEST_ID_LEN}",
+            )
         if isinstance(request, MalformedRequest):
             raise errors.InvalidArgument("request", request.reason)
 

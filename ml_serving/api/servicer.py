@@ -18,7 +18,7 @@ from ml_serving.api import rpc
 from ml_serving.config import Settings
 from ml_serving.experiments.assignment import HowChosen
 from ml_serving.features.lookup import FeatureLookup
-from ml_serving.generation.context import TipSignals, profile_gaps, with_profile
+from ml_serving.generation.context import TipSignals, check_id, profile_gaps, with_profile
 from ml_serving.generation.prompts.registry import PromptRegistry
 from ml_serving.generation.service import GenerationRequest, GenerationResult, Generator
 from ml_serving.observability import logs, tracing
@@ -94,6 +94,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         layout = request.response_layout
         if layout not in _LAYOUTS:
             raise errors.InvalidArgument("response_layout", f"unknown value {layout}")
+        if request.user_id:
+            check_id("user_id", request.user_id)  # the bound Generate's user_id has
         n = len(request.candidate_ids) if columnar else len(request.candidates)
         lookup = self.features
         # Counted before anything is built per candidate: an oversized request costs no more.

@@ -28,7 +28,9 @@ MAX_RECENT_TIPS: Final = 5
 
 # Limits that reject rather than truncate: these values are identifiers or numbers, where a
 # silently altered value would be wrong rather than merely shorter.
-MAX_USER_ID_CHARS: Final = 128
+MAX_ID_CHARS: Final = 128
+"""The one bound on identifiers, in every RPC: user ids (Score's too) and request ids."""
+MAX_USER_ID_CHARS: Final = MAX_ID_CHARS
 MAX_STREAK_DAYS: Final = 36_500  # a century of daily streaks: anything above is a client bug
 MAX_LOCALE_CHARS: Final = 35  # RFC 5646 section 4.4.1: the buffer size every tag fits in
 
@@ -307,13 +309,17 @@ def assemble_context(signals: TipSignals) -> PromptContext:
 def _validate_user_id(user_id: str) -> str:
     if not user_id.strip():
         raise InvalidArgument("user_id", "required: the id of the user the tip is for")
-    if len(user_id) > MAX_USER_ID_CHARS:
-        raise InvalidArgument(
-            "user_id", f"too long: {len(user_id)} characters, at most {MAX_USER_ID_CHARS}"
-        )
-    if any(unicodedata.category(char) in _REMOVED_CATEGORIES for char in user_id):
-        raise InvalidArgument("user_id", "must not contain control or invisible characters")
+    check_id("user_id", user_id)
     return user_id
+
+
+def check_id(field: str, value: str) -> None:
+    """Refuse an identifier over MAX_ID_CHARS or with control or invisible characters
+    (INVALID_ARGUMENT naming `field`): an id cut short would name someone else."""
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidArgument(field, f"too long: {len(value)} characters, at most {MAX_ID_CHARS}")
+    if any(unicodedata.category(char) in _REMOVED_CATEGORIES for char in value):
+        raise InvalidArgument(field, "must not contain control or invisible characters")
 
 
 def _validate_experience_level(level: str) -> str:

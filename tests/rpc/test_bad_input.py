@@ -200,11 +200,13 @@ NAN, INF = float("nan"), float("inf")
 F32_MAX = float(np.finfo(np.float32).max)
 
 SCORE_CASES = [
-    # user_id: for logs only, never a model input: nothing about it is refused.
+    # user_id: optional (stored features are looked up by it), bounded as Generate's is: a
+    # 100 KB id was OK here and INVALID_ARGUMENT there.
     Case("user_id missing", _clear("user_id"), OK),
-    Case("user_id huge", _setattr("user_id", "u" * HUGE), OK),
-    Case("user_id control chars", _setattr("user_id", CONTROL), OK),
-    Case("user_id odd unicode", _setattr("user_id", ODD_UNICODE), OK),
+    Case("user_id huge", _setattr("user_id", "u" * HUGE), INVALID, "user_id"),
+    Case("user_id at the bound", _setattr("user_id", "u" * 128), OK),
+    Case("user_id control chars", _setattr("user_id", CONTROL), INVALID, "user_id"),
+    Case("user_id odd unicode", _setattr("user_id", ODD_UNICODE), INVALID, "user_id"),
     # context_feature_names
     Case(
         "context names and values missing",

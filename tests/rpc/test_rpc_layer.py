@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
+from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from ml_serving.api import rpc, server
 from ml_serving.api.servicer import InferenceServicer
 from tests.support.servers import make_settings
@@ -75,3 +76,25 @@ async def test_registration_serves_each_method_through_the_layer(
     assert reply.default_version
     trailers = dict(await call.trailing_metadata())
     assert trailers.get(rpc.REQUEST_ID_KEY)
+
+
+@pytest.mark.parametrize(("length", "refused"), [(128, False), (129, True), (10_000, True)])
+async def test_a_request_id_over_the_bound_on_ids_is_refused_naming_it(
+    channel: grpc.aio.Channel, length: int, refused: bool
+) -> None:
+    """Ids past 128 characters were cut to 128 and echoed (a cut id can name another call's);
+    user ids past it are INVALID_ARGUMENT: one bound for ids, refused the same way."""
+    stub = pb_grpc.InferenceServiceStub(channel)
+    call: Any = stub.ListPromptVersions(
+        pb.ListPromptVersionsRequest(), metadata=((rpc.REQUEST_ID_KEY, "r" * length),), timeout=10
+    )
+    if not refused:
+        assert (await call).default_version
+        assert dict(await call.trailing_metadata())[rpc.REQUEST_ID_KEY] == "r" * length
+        return
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == f"x-request-id: too long: {length} characters, at most 128"
+    echoed = dict(caught.value.trailing_metadata() or ())[rpc.REQUEST_ID_KEY]
+    assert len(echoed) == 32  # a generated id, not the caller's cut short
