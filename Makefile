@@ -27,7 +27,7 @@ PROTO_SRC := $(wildcard protos/mlserving/v1/*.proto)
 PROTO_OUT := ml_serving/_proto
 
 .PHONY: help install system-deps install-runtime proto proto-ts check-gen lint breaking test test-py test-ts \
-	run train promote models pipeline lock bench bench-check bench-smoke stress soak docker ci clean
+	run features train promote models pipeline lock bench bench-check bench-smoke stress soak docker ci clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'

@@ -181,11 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m ml_serving.training.feature_store``: event tables -> apply -> materialize."""
     import argparse
 
-    from ml_serving.training.train import SHIPPED_SEED
-
     parser = argparse.ArgumentParser(prog="python -m ml_serving.training.feature_store")
     parser.add_argument("--repo", type=Path, default=SHIPPED_REPO, help="Feast repository")
-    parser.add_argument("--seed", type=int, default=SHIPPED_SEED, help="simulator seed")
+    parser.add_argument("--seed", type=int, default=simulator.SHIPPED_SEED, help="simulator seed")
     parser.add_argument(
         "--no-materialize", action="store_true", help="write the event tables and apply only"
     )

@@ -40,6 +40,8 @@ _exp = _libm(math.exp)
 _log = _libm(math.log)
 _log1p = _libm(math.log1p)
 
+SHIPPED_SEED: Final = 20240611
+"""Seed of the shipped model's data (models/tips-ranker/1) and of the embedded feature store."""
 NEW_USER_TENURE_DAYS: Final = 14
 """Users with a tenure below this are in the ``is_new_user`` segment."""
 

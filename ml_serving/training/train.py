@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME: Final = "tips-ranker"
 """Name of the shipped model."""
-SHIPPED_SEED: Final = 20240611
+SHIPPED_SEED: Final = simulator.SHIPPED_SEED
 """Seed of the shipped model (models/tips-ranker/1); the reproducibility test reuses it."""
 MODEL_TYPE: Final = "logistic_regression_with_crosses"
 """What the shipped model is: L2-regularised logistic regression over ``features.design_matrix``."""

@@ -150,7 +150,8 @@ async def test_error_table_maps_every_row_and_leaks_nothing(
     def fail(*args: object, **kwargs: object) -> object:
         raise raised
 
-    monkeypatch.setattr("ml_serving.api.servicer.score", fail)
+    monkeypatch.setattr("ml_serving.api.servicer.align_request", fail)
+    monkeypatch.setattr("ml_serving.api.servicer.align_columnar_request", fail)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.Score(score_request())
     assert info.value.code().name == code
