@@ -50,6 +50,12 @@ SHADOW_MIN_COMPARISONS_30M = 100
 # every 3-minute window for 10 minutes mean the registry has been failing for about that long,
 # while a one-minute blip (true for 3 minutes at most) stays silent.
 POLL_WINDOW = "3m"
+FEATURE_ERROR_RATIO = 0.05
+"""Share of user lookups that fail or are skipped by the open breaker (Score then defaults)."""
+FEATURE_MISS_RATIO = 0.5
+"""Share of user lookups that find no row (or a stale one): materialization has stopped."""
+TIP_VIEW_MAX_AGE_S = 900
+"""Age of the in-memory tip view past which its reloads are failing (default refresh: 60 s)."""
 
 
 def _availability_records() -> list[dict[str, Any]]:
@@ -307,6 +313,72 @@ def groups() -> list[dict[str, Any]]:
                             f"(bound {SHADOW_MIN_TAU:g}). "
                             "Do not promote this version before its offline metrics explain the "
                             "difference; see the dashboard's shadow-model row."
+                        ),
+                    },
+                },
+                {
+                    "alert": "MLServingFeatureStoreFailing",
+                    "expr": (
+                        f"sum by ({BY}) "
+                        '(rate(mlserving_feature_lookups_total{result=~"error|skipped"}[5m]))\n/\n'
+                        f"sum by ({BY}) (rate(mlserving_feature_lookups_total[5m]))\n"
+                        f"> {FEATURE_ERROR_RATIO:g}"
+                    ),
+                    "for": "5m",
+                    "labels": {"severity": "warning"},
+                    "annotations": {
+                        "summary": "The online feature store fails: Score answers from "
+                        "training means.",
+                        "description": (
+                            "{{ $value | humanizePercentage }} of feature lookups fail or are "
+                            f"skipped by the open breaker (bound {FEATURE_ERROR_RATIO:.0%}) for "
+                            "5m. Score still answers, with each missing value's training mean "
+                            "(ScoreResponse.defaulted_features): rankings are worse. Check "
+                            "mlserving_feature_store_errors_total by cause (timeout: raise "
+                            "ML_SERVING_FEATURE_BUDGET_MS or fix Redis latency; unavailable: "
+                            "Redis down or the connection string secret)."
+                        ),
+                    },
+                },
+                {
+                    "alert": "MLServingFeatureRowsMissing",
+                    "expr": (
+                        f"sum by ({BY}) (rate(mlserving_feature_lookups_total"
+                        '{view="user_features",result=~"miss|stale"}[30m]))\n/\n'
+                        f"sum by ({BY}) (rate(mlserving_feature_lookups_total"
+                        '{view="user_features"}[30m]))\n'
+                        f"> {FEATURE_MISS_RATIO:g}"
+                    ),
+                    "for": "30m",
+                    "labels": {"severity": "warning"},
+                    "annotations": {
+                        "summary": "Most users have no (fresh) row in the online store.",
+                        "description": (
+                            "{{ $value | humanizePercentage }} of user lookups find no row or "
+                            f"a stale one (bound {FEATURE_MISS_RATIO:.0%}) for 30m: the "
+                            "pipelines' features flow (materialization) has stopped or writes "
+                            "another project. Score defaults those users' features to "
+                            "training means. Run the features flow and check its last report."
+                        ),
+                    },
+                },
+                {
+                    "alert": "MLServingFeatureTipViewStale",
+                    "expr": (
+                        "time() - mlserving_feature_tips_loaded_timestamp_seconds "
+                        f"> {TIP_VIEW_MAX_AGE_S}"
+                    ),
+                    "for": "10m",
+                    "labels": {"severity": "warning"},
+                    "annotations": {
+                        "summary": "A pod's tip view has not been reloaded for a while.",
+                        "description": (
+                            "The tip features {{ $labels.instance }} holds in memory are "
+                            "{{ $value | humanizeDuration }} old (bound "
+                            f"{TIP_VIEW_MAX_AGE_S // 60} min; never loaded counts too): its "
+                            "reloads from the online store fail, so new tips are scored from "
+                            "training means. Check mlserving_feature_store_errors_total and the "
+                            "pod's log."
                         ),
                     },
                 },
@@ -694,6 +766,45 @@ def dashboard() -> dict[str, Any]:
                 f"sum by (reason) "
                 f"(increase(mlserving_shadow_model_poll_failures_total{{{JOB}}}[$__range]))",
                 "shadow poll {{reason}}",
+            ),
+        ],
+    )
+    d.row("Feature store")
+    d.panel(
+        "Feature lookups",
+        "User and profile lookups a second by result (hit, miss, stale, error, skipped by the "
+        "open breaker).",
+        [
+            (
+                f"sum by (view, result) (rate(mlserving_feature_lookups_total{{{JOB}}}[{RATE}]))",
+                "{{view}} {{result}}",
+            ),
+        ],
+    )
+    d.panel(
+        "Store errors and defaulted values",
+        "Store faults a second by cause, and feature values a second that took a training "
+        "mean (by group).",
+        [
+            (
+                f"sum by (cause) (rate(mlserving_feature_store_errors_total{{{JOB}}}[{RATE}]))",
+                "error {{cause}}",
+            ),
+            (
+                f"sum by (group) (rate(mlserving_feature_defaults_total{{{JOB}}}[{RATE}]))",
+                "defaulted {{group}}",
+            ),
+            (f"max(mlserving_feature_breaker_open{{{JOB}}})", "breaker open"),
+        ],
+    )
+    d.panel(
+        "Tip view",
+        "Tips held in memory and the age of the last reload.",
+        [
+            (f"min(mlserving_feature_tips_loaded{{{JOB}}})", "tips loaded (min over pods)"),
+            (
+                f"max(time() - mlserving_feature_tips_loaded_timestamp_seconds{{{JOB}}})",
+                "seconds since reload (max)",
             ),
         ],
     )

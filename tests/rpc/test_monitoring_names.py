@@ -13,6 +13,7 @@ import yaml
 
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
+from ml_serving.config import REPO_FEATURES
 from tests.support import monitoring
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.model_versions import NAME, copy_shipped
@@ -67,6 +68,7 @@ async def test_rules_and_dashboard_query_only_exported_metrics(
         model_root=tmp_path / "models",
         model_name=NAME,
         score_shadow_share=1.0,
+        feature_repo=REPO_FEATURES,  # the embedded online store: the feature-store series
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as chan:
         stub = pb_grpc.InferenceServiceStub(chan)
