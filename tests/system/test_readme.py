@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,11 @@ from grpc_health.v1 import health_pb2
 
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving.api import server
+from ml_serving.config import REPO_FEATURES
 from ml_serving.scoring.registry import ModelRegistry
 from ml_serving.training.reproducibility import model_differences
 from tests.support import REPO
-from tests.support.servers import StartServer
+from tests.support.servers import StartServer, make_settings
 
 README = REPO / "README.md"
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -56,8 +58,19 @@ def test_the_readme_shows_every_method() -> None:
     assert methods >= {"Check", "ListPromptVersions", "Generate", "GenerateStream"}
 
 
+@pytest.fixture(scope="module")
+async def default_app() -> AsyncIterator[server.App]:
+    """A server on the README's defaults, the embedded feature store included (the tests'
+    shared server leaves it off)."""
+    running = await server.start(make_settings(feature_repo=REPO_FEATURES))
+    await running.wait_ready()
+    yield running
+    await running.stop(0)
+
+
 @pytest.mark.parametrize(("call", "data"), readme_calls(), ids=lambda v: str(v)[:40])
-async def test_readme_example_succeeds(app: server.App, call: str, data: str) -> None:
+async def test_readme_example_succeeds(default_app: server.App, call: str, data: str) -> None:
+    app = default_app
     request_type, response_type, streaming = _types(call)
     request = json_format.Parse(data, request_type())
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
