@@ -93,6 +93,11 @@ class Gate:
     """Streams ended because their client stopped reading."""
     last_arrival: float = 0.0
     """perf_counter() when the latest call reached the layer (a drain waits for quiet)."""
+    arrivals: int = 0
+    """Calls that reached the layer (a drain counts those after its signal)."""
+    cut_at: float | None = None
+    """time.monotonic() when a drain's grace runs out and grpc cancels what is still open:
+    its clients see UNAVAILABLE, so a call cancelled from then on is logged as that."""
     streams: set[_StreamWrites] = field(default_factory=set)
     """The server-streaming calls in progress, for `watch_stalls`."""
 
@@ -267,6 +272,7 @@ class _Call:
         self.notes: dict[str, Any] = {}
         self.admitted = False
         self.started = gate.last_arrival = time.perf_counter()
+        gate.arrivals += 1
         self._tokens = (request_id_var.set(self.request_id), access_notes_var.set(self.notes))
         self._span = tracing.rpc_span(f"/{SERVICE}/{method}", self.metadata)
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
@@ -285,6 +291,15 @@ class _Call:
             )
         if isinstance(request, MalformedRequest):
             raise errors.InvalidArgument("request", request.reason)
+
+    def cancelled_code(self) -> str:
+        """The status a cancelled call ended with, as its client saw it: UNAVAILABLE once a
+        drain's grace has run out (grpc cancels every call then, and tells the clients
+        UNAVAILABLE "Cancelling all calls"), else CANCELLED (the client went away)."""
+        cut_at = self.gate.cut_at
+        if cut_at is not None and time.monotonic() >= cut_at:
+            return "UNAVAILABLE"
+        return "CANCELLED"
 
     def finish(self, code: str) -> None:
         """Release the slot and write the access-log line (exactly once per RPC)."""
@@ -360,7 +375,7 @@ def unary(handler: UnaryHandler[S, Req, Resp, P]) -> UnaryHandler[S, Req, Resp, 
             call.admit(request)
             response = await handler(self, request, context, *args, **kwargs)
         except asyncio.CancelledError:
-            call.finish("CANCELLED")
+            call.finish(call.cancelled_code())
             raise
         except Exception as exc:
             await call.fail(exc)
@@ -398,7 +413,7 @@ def server_streaming(handler: StreamHandler[S, Req, Resp, P]) -> StreamHandler[S
                 writes.since = None
         except asyncio.CancelledError:
             if not writes.stalled:
-                call.finish("CANCELLED")
+                call.finish(call.cancelled_code())
                 raise
             # Ended by watch_stalls: the client cannot take a status either (its window is
             # shut); grpc resets the stream when the connection ages out. Raised on, as any

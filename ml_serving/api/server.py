@@ -33,19 +33,31 @@ SERVICE_NAME = rpc.SERVICE
 """'mlserving.v1.InferenceService': the health name readiness probes ask for."""
 
 
-QUEUED_CALLS_WINDOW_S = 2.0
-"""At most this long (and never past the grace period) a drain waits for queued calls to reach
-the RPC layer and be refused with UNAVAILABLE before grpc's own stop cancels the rest."""
 _QUIET_S = 0.05
 
 PENDING_CALLS_FLOOR = 10_000
-"""grpc's queue of calls not yet picked up holds at least this many (4x the RPC limit if more)."""
+"""Calls one connection may have open at once: at least this many (4x the RPC limit if more)."""
+CONNECTIONS_QUEUED = 4
+"""grpc's queue of calls not yet picked up holds this many connections' worth of open calls."""
+
+
+def open_calls_bound(settings: Settings) -> int:
+    """The calls one connection may have open (HTTP/2 max concurrent streams): its client holds
+    any more until one ends, so a burst of any size from one connection is answered by the layer
+    (served, or shed with RESOURCE_EXHAUSTED), never cancelled unseen."""
+    return max(PENDING_CALLS_FLOOR, 4 * settings.max_concurrent_rpcs)
+
+
+def queued_calls_bound(settings: Settings) -> int:
+    """Calls grpc holds for the event loop, all connections together; past it grpc refuses a
+    call itself (RESOURCE_EXHAUSTED, before the layer: not logged or counted by us)."""
+    return CONNECTIONS_QUEUED * open_calls_bound(settings)
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     """Channel arguments: message sizes, keepalive and connection age (for L7-less balancing)."""
     ms = 1000
-    pending_limit = max(PENDING_CALLS_FLOOR, 4 * settings.max_concurrent_rpcs)
+    queued = queued_calls_bound(settings)
     return [
         ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
         ("grpc.max_send_message_length", settings.max_send_message_bytes),
@@ -58,10 +70,13 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         # Calls grpc has accepted but the event loop has not picked up yet: past
         # max_pending_requests (1,000 by default) grpc cancels them before any of our layer
         # runs, with no status we log or count (measured: 190 of a 2,000-call burst from one
-        # client). Raised so that a burst reaches the layer, which serves it or sheds it with
-        # RESOURCE_EXHAUSTED; past the hard limit grpc answers RESOURCE_EXHAUSTED itself.
-        ("grpc.server.max_pending_requests", pending_limit),
-        ("grpc.server.max_pending_requests_hard_limit", 2 * pending_limit),
+        # client; with 10,000, 12 to 67 of 12,000), at random between it and the hard limit.
+        # One connection holds at most open_calls_bound (its client queues the rest), and the
+        # soft limit is the hard one: the bound is exact, and no burst from a few connections
+        # reaches it.
+        ("grpc.max_concurrent_streams", open_calls_bound(settings)),
+        ("grpc.server.max_pending_requests", queued),
+        ("grpc.server.max_pending_requests_hard_limit", queued),
         # One process owns the port unless worker processes are asked for explicitly: with
         # reuse on, a second server started by mistake would silently take half the traffic.
         ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
@@ -104,12 +119,18 @@ class App:
             return
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         logger.info("draining", extra={"grace_s": grace, "in_flight": self.gate.in_flight})
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
         self.gate.draining = True
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
-        await self._refuse_queued_calls(min(grace, QUEUED_CALLS_WINDOW_S))
-        await self.server.stop(grace)
+        await self._refuse_queued_calls(grace, queued_calls_bound(self.settings))
+        left = max(0.0, end - loop.time())
+        # What is still open when `left` runs out, grpc cancels: its clients see UNAVAILABLE
+        # ("Cancelling all calls"), and so do the layer's log line and metrics (Gate.cut_at).
+        self.gate.cut_at = time.monotonic() + left
+        await self.server.stop(left)
         if self.experiments is not None:
             await self.experiments.close()
         if self.features is not None:
@@ -118,15 +139,20 @@ class App:
         self._stopped.set()
         logger.info("stopped")
 
-    async def _refuse_queued_calls(self, cap_s: float) -> None:
+    async def _refuse_queued_calls(self, cap_s: float, queued: int) -> None:
         """Let the calls grpc accepted but had not handed to us yet reach the RPC layer, which
         refuses them with UNAVAILABLE (retry elsewhere), logged and counted: server.stop
-        cancels them unseen (measured: 2,317 of a 3,000-call burst CANCELLED at SIGTERM).
-        Waits until none has arrived for a moment, at most `cap_s`."""
+        cancels them unseen (measured: 2,317 of a 3,000-call burst CANCELLED at SIGTERM; with
+        a 2 s cap, 4,676 of 8,000). Waits until none has arrived for a moment, or until
+        `queued` more have (grpc's queue is first in, first out: every call queued at the
+        signal has come through then), at most `cap_s`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cap_s
+        arrived = self.gate.arrivals
         while loop.time() < deadline:
             if time.perf_counter() - self.gate.last_arrival > _QUIET_S:
+                return
+            if self.gate.arrivals - arrived >= queued:
                 return
             await asyncio.sleep(_QUIET_S / 2)
 
