@@ -72,6 +72,11 @@ class Breaker:
         self._trial = False
 
     @property
+    def failing(self) -> bool:
+        """True after at least one failure since the last success."""
+        return self._consecutive > 0
+
+    @property
     def is_open(self) -> bool:
         """True while lookups are being skipped."""
         return self._consecutive >= self.failures and (
@@ -89,6 +94,11 @@ class Breaker:
 
     def success(self) -> None:
         self._consecutive = 0
+        self._trial = False
+
+    def abandon(self) -> None:
+        """A lookup ended without an outcome (its RPC was cancelled): a half-open trial may be
+        made again, instead of the breaker waiting forever on one that will never report."""
         self._trial = False
 
     def failure(self) -> None:
@@ -182,6 +192,7 @@ class FeatureLookup:
             self._warn_once(view, exc.cause, str(exc))
             return None
         except asyncio.CancelledError:
+            self.breaker.abandon()
             raise
         except Exception:  # a reader bug must not fail Score: default, log, count
             self.breaker.failure()
@@ -189,6 +200,9 @@ class FeatureLookup:
             self.errors["internal"] += 1
             logger.exception("feature store: lookup of %s failed", view)
             return None
+        if self.breaker.failing:
+            logger.info("feature store: %s answers again", view)
+            self._warned.clear()  # the next outage gets its own line
         self.breaker.success()
         if row is None:
             self.lookups[(view, "miss")] += 1

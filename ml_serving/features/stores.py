@@ -237,6 +237,7 @@ class RedisStore:
         self._connecting: asyncio.Task[None] | None = None
         self._fields: dict[tuple[str, tuple[str, ...]], tuple[int, bytes]] = {}
         self.connect_timeout_s = 1.0
+        self._connect_failing = False
 
     def _hash_fields(self, view: str, fields: Sequence[str]) -> list[bytes]:
         names = [codec.redis_field(view, f) for f in fields]
@@ -327,16 +328,25 @@ class RedisStore:
                 )
             ready = True
         except (OSError, TimeoutError, StoreError) as exc:
-            logger.warning(
-                "feature store: cannot connect to Redis at %s:%s: %s",
-                address.host,
-                address.port,
-                exc,
-            )
+            # Once per outage, not once per attempt (one every breaker period while it lasts).
+            if not self._connect_failing:
+                logger.warning(
+                    "feature store: cannot connect to Redis at %s:%s: %s (retried in the "
+                    "background; logged again once it has answered)",
+                    address.host,
+                    address.port,
+                    exc,
+                )
+            self._connect_failing = True
         finally:
             if not ready and protocol is not None and protocol.transport is not None:
                 protocol.transport.close()  # also when cancelled mid-handshake
         if ready:
+            if self._connect_failing:
+                logger.info(
+                    "feature store: connected to Redis at %s:%s", address.host, address.port
+                )
+            self._connect_failing = False
             self._protocol = protocol
 
     def scan(self, view: str, join_key: str, fields: Sequence[str]) -> dict[str, Row]:
