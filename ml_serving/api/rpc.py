@@ -435,6 +435,34 @@ def server_streaming(handler: StreamHandler[S, Req, Resp, P]) -> StreamHandler[S
     return wrapper  # type: ignore[return-value]  # writes itself: grpc awaits it, no generator
 
 
+class UnknownMethods(grpc.GenericRpcHandler):
+    """Answers a method no service here has, as grpc would (UNIMPLEMENTED), with a request id
+    in the trailers and an access-log line: grpc's own answer carried neither. Registered last,
+    after every service's handler; any cardinality (the request is never read). Not in the
+    per-method metrics: a client choosing paths must not choose their labels."""
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        path = str(getattr(handler_call_details, "method", "") or "")[: _MAX_DETAILS_CHARS // 2]
+        return grpc.stream_stream_rpc_method_handler(functools.partial(_unimplemented, path))
+
+
+async def _unimplemented(
+    path: str, _requests: object, context: grpc.aio.ServicerContext[Any, Any]
+) -> None:
+    request_id, _ = _request_id(tuple(context.invocation_metadata() or ()))
+    _access_log.log(
+        "rpc (unknown method) UNIMPLEMENTED",
+        {"request_id": request_id, "method": path, "code": "UNIMPLEMENTED", "duration_ms": 0.0},
+    )
+    await context.abort(
+        grpc.StatusCode.UNIMPLEMENTED,
+        f"unknown method {path}",
+        trailing_metadata=((REQUEST_ID_KEY, request_id),),
+    )
+
+
 _METHOD_HANDLERS: Final = {
     "unary": grpc.unary_unary_rpc_method_handler,
     "server_stream": grpc.unary_stream_rpc_method_handler,

@@ -230,6 +230,7 @@ async def start(settings: Settings) -> App:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    server.add_generic_rpc_handlers((rpc.UnknownMethods(),))  # last: what no service has
     port = _add_port(server, settings)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
