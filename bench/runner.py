@@ -675,14 +675,15 @@ def run(options: Options) -> dict[str, Any]:
     """Run the plan; return the results document (results.json)."""
     started = time.monotonic()
     bench = Bench(options)
-    try:
-        bench.start()
-        bench.probe_clients()
-        for scenario in options.plan:
-            bench.run_scenario(scenario)
-        bench.run_scaling()
-    finally:
-        bench.stop()
+    if options.plan or options.scaling:  # `--scenario features` alone runs none of these
+        try:
+            bench.start()
+            bench.probe_clients()
+            for scenario in options.plan:
+                bench.run_scenario(scenario)
+            bench.run_scaling()
+        finally:
+            bench.stop()
     return {
         "schema": 1,
         "mode": options.mode,

@@ -186,6 +186,10 @@ def _scratch_checkout(tmp_path: Path) -> Path:
     ):
         (scratch / name).symlink_to(REPO / name)
     shutil.copytree(REPO / "models", scratch / "models")
+    # The Feast repository's definitions (not its data: `make train` writes the event tables).
+    (scratch / "feature_repo").mkdir()
+    for name in ("tips.py", "feature_store.yaml"):
+        shutil.copy2(REPO / "feature_repo" / name, scratch / "feature_repo" / name)
     return scratch
 
 
@@ -199,14 +203,17 @@ def _sh(command: str, cwd: Path) -> str:
 
 def test_the_train_and_promote_commands_run_as_written(tmp_path: Path) -> None:
     stale = subprocess.run(
-        ["make", "-q", ".venv/.runtime-installed"], cwd=REPO, env=_clean_env(), timeout=30
+        ["make", "-q", ".venv/.runtime-installed", ".venv/.dev-installed"],
+        cwd=REPO,
+        env=_clean_env(),
+        timeout=30,
     )
     if stale.returncode != 0:
         # The scratch directory must never run the install recipe (`pip install -e .` there
         # would point the venv at it).
         pytest.skip("the runtime install is stale here; `make test` brings it up to date first")
     model = section("Model and prompts")
-    (block,) = code_blocks(model, "sh")
+    block = code_blocks(model, "sh")[0]  # the first: train, list, promote
     commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
     assert commands == ["make train", "make models", "make promote VERSION=N"]
     shipped = REPO / "models" / "tips-ranker"
@@ -216,6 +223,7 @@ def test_the_train_and_promote_commands_run_as_written(tmp_path: Path) -> None:
     registry = scratch / "models" / "tips-ranker"
 
     trained = _sh(commands[0], scratch)
+    assert (scratch / "feature_repo" / "data" / "impressions.parquet").exists()  # offline store
     (version,) = re.findall(r"^wrote models/tips-ranker/(\d+)$", trained, re.M)
     assert int(version) == max(int(p) for p in shipped_before if p.isdigit()) + 1
     assert (registry / "PROMOTED").read_text().strip() == served  # not promoted
