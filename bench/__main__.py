@@ -124,11 +124,11 @@ def run_main(argv: list[str]) -> int:
     # run, or when named; not in the smoke run.
     with_features = "features" in args.scenario if args.scenario else not args.smoke
     if args.scenario:
-        args.scenario = [name for name in args.scenario if name != "features"]
         unknown = set(args.scenario) - {s.name for s in plan} - {"features"}
         if unknown:
-            parser.error(f"unknown scenario(s) {sorted(unknown)}; known: {[s.name for s in plan]}")
-        plan = [s for s in plan if s.name in args.scenario] if args.scenario else []
+            known = [s.name for s in plan] + ["features"]
+            parser.error(f"unknown scenario(s) {sorted(unknown)}; known: {known}")
+        plan = [s for s in plan if s.name in args.scenario]
     plan = override(
         plan,
         concurrency=dict(args.concurrency),
