@@ -123,9 +123,16 @@ def main() -> int:
     except ValidationError as exc:
         print(f"ml-serving: invalid configuration:\n{exc}", file=sys.stderr)
         return workers.CONFIG_ERROR_EXIT
+    niceness = None
+    if settings.generate_only:
+        # Before logs.configure starts its writer thread: threads inherit their creator's
+        # priority, and every thread of a Generate-port process must run below Score's.
+        niceness = workers.lower_priority(settings.generate_nice)
     logs.configure(settings.log_level, settings.log_json, secrets=_secrets(settings))
-    if settings.workers > 1:
+    if settings.workers > 1 or settings.generate_port:
         return workers.Supervisor(settings).run()
+    if niceness is not None:
+        logger.info("serving Generate and GenerateStream only", extra={"nice": niceness})
     tracing.configure(
         settings.otel_traces_exporter,
         settings.otel_exporter_otlp_endpoint,

@@ -56,6 +56,22 @@ class Settings(BaseSettings):
     reuse_port: bool = False
     """Let other processes bind the same gRPC port (SO_REUSEPORT). Set for each worker by the
     supervisor when workers > 1; set it yourself only to run workers under another supervisor."""
+    generate_port: int = Field(default=0, ge=0, le=65535)
+    """A second gRPC port for Generate and GenerateStream, served by their own processes at a
+    lower CPU priority (generate_nice), so that an LLM relay never runs beside Score; the main
+    port keeps serving every method. Non-zero makes `python -m ml_serving` a supervisor of
+    `workers` processes on the main port and `generate_workers` on this one. 0 = off."""
+    generate_workers: int = Field(default=1, ge=1, le=64)
+    """Processes serving the Generate port (when generate_port is set); the first serves
+    /metrics on metrics_port + workers, the next on + workers + 1, ..."""
+    generate_nice: int = Field(default=10, ge=1, le=19)
+    """How much lower the Generate port's processes run than the main port's (nice increment,
+    every thread): under CPU contention the kernel gives them about a tenth of a main process's
+    share at 10, so Score's processes get the cores first."""
+    generate_only: bool = False
+    """Serve only Generate and GenerateStream (other InferenceService methods answer
+    UNIMPLEMENTED) at generate_nice. Set by the supervisor for the Generate port's processes;
+    set it yourself only to run those under another supervisor."""
     uvloop: bool = True
     """Run the asyncio loop on uvloop (measured: same QPS, better tail at low concurrency)."""
     log_level: str = "INFO"
@@ -210,6 +226,27 @@ class Settings(BaseSettings):
             raise ValueError("ML_SERVING_WORKERS > 1 needs a fixed ML_SERVING_PORT (not 0)")
         if self.workers > 1 and self.metrics_port + self.workers - 1 > 65535:
             raise ValueError("ML_SERVING_METRICS_PORT + ML_SERVING_WORKERS - 1 exceeds 65535")
+        return self
+
+    @model_validator(mode="after")
+    def _check_generate_port(self) -> Settings:
+        if not self.generate_port:
+            return self
+        if self.generate_only:
+            raise ValueError(
+                "ML_SERVING_GENERATE_ONLY is for the Generate port's own processes: unset it, "
+                "or unset ML_SERVING_GENERATE_PORT"
+            )
+        if self.port == 0:
+            raise ValueError("ML_SERVING_GENERATE_PORT needs a fixed ML_SERVING_PORT (not 0)")
+        if self.generate_port == self.port:
+            raise ValueError("ML_SERVING_GENERATE_PORT must differ from ML_SERVING_PORT")
+        last = self.metrics_port + self.workers + self.generate_workers - 1
+        if self.metrics_port and last > 65535:
+            raise ValueError(
+                "ML_SERVING_METRICS_PORT + ML_SERVING_WORKERS + ML_SERVING_GENERATE_WORKERS - 1 "
+                "exceeds 65535"
+            )
         return self
 
     @model_validator(mode="after")

@@ -111,5 +111,12 @@ class DeadlineExceeded(ServingError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class NotServedHere(ServingError):
+    """The method exists but this port does not serve it (the Generate port serves only
+    Generate and GenerateStream); the message says which port does."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 INTERNAL_MESSAGE = "internal error"
 """The fixed message for anything unexpected; the traceback goes to the log only."""

@@ -13,8 +13,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ml_serving.api import rpc
+from ml_serving.api.generate_port import servicer_class
 from ml_serving.api.metrics import Metrics
-from ml_serving.api.servicer import InferenceServicer
 from ml_serving.config import Settings
 from ml_serving.experiments.runtime import Experiments
 from ml_serving.features.lookup import FeatureLookup, LookupPolicy
@@ -221,7 +221,7 @@ async def start(settings: Settings) -> App:
         f"a Score request of at most {settings.max_candidates} candidates",
     )
     rpc.add_service(
-        InferenceServicer(settings, gate, models, prompts, generator, shadow, lookup),
+        servicer_class(settings)(settings, gate, models, prompts, generator, shadow, lookup),
         server,
         size_bounds={"Score": score_bound},
     )

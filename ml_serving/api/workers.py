@@ -6,6 +6,14 @@ it starts N ordinary server processes with ML_SERVING_REUSE_PORT=true, and the k
 incoming *connections* across them (a single client connection stays on one worker, so a client
 that wants all of them opens several). Worker k serves /metrics on ML_SERVING_METRICS_PORT + k.
 
+With ML_SERVING_GENERATE_PORT set, the supervisor also runs ML_SERVING_GENERATE_WORKERS
+processes on that port (the split topology): ordinary servers with ML_SERVING_GENERATE_ONLY,
+which serve Generate and GenerateStream only, at a lower CPU priority (ML_SERVING_GENERATE_NICE,
+set by each of them on every one of its threads), so that Score's processes never run an LLM
+relay on their event loop and get the cores first. The main port keeps serving every method.
+Worker k of either kind serves /metrics on ML_SERVING_METRICS_PORT + k, the Generate port's
+after the main port's.
+
 The supervisor forwards SIGTERM/SIGINT (each worker drains as usual), restarts a worker that
 dies while serving, and gives up (exit 1) when one keeps dying right after start, or at once
 (exit 2) when a worker reports a configuration error. Workers drain and exit when the supervisor
@@ -44,20 +52,60 @@ SUPERVISOR_FD_ENV = "ML_SERVING_SUPERVISOR_FD"
 descriptor for the read end of the supervisor's lifeline pipe."""
 
 
+def worker_count(settings: Settings) -> int:
+    """Processes the supervisor runs: the main port's, then the Generate port's (if set)."""
+    return settings.workers + (settings.generate_workers if settings.generate_port else 0)
+
+
+def serves_generate_port(settings: Settings, index: int) -> bool:
+    """Whether worker `index` is one of the Generate port's (they come after the main port's)."""
+    return bool(settings.generate_port) and index >= settings.workers
+
+
 def worker_env(
     settings: Settings, index: int, base: Mapping[str, str], lifeline_fd: int | None = None
 ) -> dict[str, str]:
-    """The environment of worker `index`: the supervisor's, as one reuse-port worker (watching
-    `lifeline_fd` for the supervisor's end, when given)."""
+    """The environment of worker `index`: the supervisor's, as one server on the main port or
+    the Generate port (watching `lifeline_fd` for the supervisor's end, when given). Port reuse
+    is on where more than one process shares a port."""
     env = dict(base)
+    generate = serves_generate_port(settings, index)
+    sharing = settings.generate_workers if generate else settings.workers
     env["ML_SERVING_WORKERS"] = "1"
-    env["ML_SERVING_REUSE_PORT"] = "true"
+    env["ML_SERVING_REUSE_PORT"] = "true" if sharing > 1 else "false"
+    # A worker never supervises: it serves one port, in one role.
+    env["ML_SERVING_GENERATE_PORT"] = "0"
+    env["ML_SERVING_GENERATE_ONLY"] = "true" if generate else "false"
+    if generate:
+        env["ML_SERVING_PORT"] = str(settings.generate_port)
     metrics_port = settings.metrics_port + index if settings.metrics_port else 0
     env["ML_SERVING_METRICS_PORT"] = str(metrics_port)
     env.pop(SUPERVISOR_FD_ENV, None)
     if lifeline_fd is not None:
         env[SUPERVISOR_FD_ENV] = str(lifeline_fd)
     return env
+
+
+def lower_priority(increment: int) -> int:
+    """Lower this process's CPU priority by `increment` (nice) on every thread it has; return
+    the new niceness.
+
+    Linux keeps a niceness per thread: os.nice would change the calling thread only, and the
+    threads started at import (OpenBLAS's, one per core) would keep the old value. Threads
+    started later inherit their creator's, so call this before starting any (the server's, the
+    log writer's).
+    """
+    target = min(19, os.getpriority(os.PRIO_PROCESS, 0) + increment)
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc (not Linux): the process's niceness is all there is
+        threads = [0]
+    for tid in threads:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, target)
+        except ProcessLookupError:
+            continue  # ended meanwhile
+    return target
 
 
 def watch_supervisor(loop: asyncio.AbstractEventLoop, fd: int, on_gone: Callable[[], None]) -> None:
@@ -112,11 +160,17 @@ class Supervisor:
             signal.signal(signum, self._on_signal)
         if self._lifeline is None:
             self._lifeline = os.pipe()  # not inheritable: only pass_fds hands the read end on
+        settings = self.settings
         logger.info(
             "supervisor starting workers",
-            extra={"workers": self.settings.workers, "port": self.settings.port},
+            extra={
+                "workers": settings.workers,
+                "port": settings.port,
+                "generate_workers": settings.generate_workers if settings.generate_port else 0,
+                "generate_port": settings.generate_port or None,
+            },
         )
-        for index in range(self.settings.workers):
+        for index in range(worker_count(settings)):
             self._start(index)
         code = 0
         while self.workers:
@@ -153,7 +207,16 @@ class Supervisor:
         env = worker_env(self.settings, index, os.environ, lifeline_fd=read_end)
         process = subprocess.Popen(self.command, env=env, pass_fds=(read_end,))
         self.workers[index] = _Worker(index, process)
-        logger.info("worker started", extra={"worker": index, "pid": process.pid})
+        generate = serves_generate_port(self.settings, index)
+        logger.info(
+            "worker started",
+            extra={
+                "worker": index,
+                "pid": process.pid,
+                "role": "generate" if generate else "main",
+                "port": self.settings.generate_port if generate else self.settings.port,
+            },
+        )
 
     def _on_unexpected_exit(self, worker: _Worker, status: int) -> int:
         """Restart the worker, or return a non-zero exit code to give up with."""
