@@ -38,8 +38,10 @@ L2: Final = 1.0
 N_BINS: Final = 10
 """Equal-width probability bins for calibration and ECE."""
 METRIC_DECIMALS: Final = 6
-"""Card metrics are rounded so that they compare exactly across machines whose BLAS kernels
-differ in the last bits; on one machine the unrounded values are bit-for-bit identical too."""
+"""Card metrics are rounded to this many decimals: machines whose kernels differ in the last
+bits then agree on them, except where a value sits on a rounding boundary, which is why
+training/reproducibility.py allows one unit of the last decimal; on one machine the values
+are bit-for-bit identical."""
 N_REFERENCE_ROWS: Final = 8
 
 # Fairness policy: the checks the shipped model must pass before ``--promote`` promotes it.
