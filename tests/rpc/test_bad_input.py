@@ -693,6 +693,7 @@ SCORE_FAULTS = (  # applied in this order: drops first, so no later fault can un
     "candidates: empty id",
     "candidates: duplicate id",
     "candidates: none",
+    "user_id",
 )
 GENERATE_FAULTS = (
     "user_id",
@@ -769,8 +770,17 @@ def score_requests(draw: st.DrawFn) -> tuple[pb.ScoreRequest, frozenset[str]]:
             rows.append(list(rows[0]))
     if "candidates: none" in faults:
         ids, rows = [], []
+    # Optional, but bounded as Generate's: at most 128 characters, none of them control or
+    # invisible (Cc, Cf, Cs, Co; the Cn of an unassigned code point is allowed).
+    valid_id = st.text(max_size=40).filter(
+        lambda t: not any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") for c in t)
+    )
+    bad_id = st.one_of(
+        st.text(min_size=129, max_size=200),
+        st.tuples(st.text(max_size=5), st.sampled_from("\x00\x1b\u200b\u202e\ue000")).map("".join),
+    )
     request = pb.ScoreRequest(
-        user_id=draw(st.text(max_size=40)),
+        user_id=draw(bad_id if "user_id" in faults else valid_id),
         context_feature_names=ctx_names,
         context_values=ctx_values,
         candidate_feature_names=cand_names,
