@@ -35,23 +35,14 @@ SERVICE_NAME = rpc.SERVICE
 
 _QUIET_S = 0.05
 
-PENDING_CALLS_FLOOR = 10_000
-"""Calls one connection may have open at once: at least this many (4x the RPC limit if more)."""
-CONNECTIONS_QUEUED = 4
-"""grpc's queue of calls not yet picked up holds this many connections' worth of open calls."""
-
-
-def open_calls_bound(settings: Settings) -> int:
-    """The calls one connection may have open (HTTP/2 max concurrent streams): its client holds
-    any more until one ends, so a burst of any size from one connection is answered by the layer
-    (served, or shed with RESOURCE_EXHAUSTED), never cancelled unseen."""
-    return max(PENDING_CALLS_FLOOR, 4 * settings.max_concurrent_rpcs)
+PENDING_CALLS_FLOOR = 20_000
+"""grpc's queue of calls not yet picked up holds this many (8x the RPC limit if more)."""
 
 
 def queued_calls_bound(settings: Settings) -> int:
-    """Calls grpc holds for the event loop, all connections together; past it grpc refuses a
-    call itself (RESOURCE_EXHAUSTED, before the layer: not logged or counted by us)."""
-    return CONNECTIONS_QUEUED * open_calls_bound(settings)
+    """Calls grpc holds for the event loop, all connections together, exactly; past it grpc
+    refuses a call itself, before the layer runs."""
+    return max(PENDING_CALLS_FLOOR, 8 * settings.max_concurrent_rpcs)
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -71,10 +62,10 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         # max_pending_requests (1,000 by default) grpc cancels them before any of our layer
         # runs, with no status we log or count (measured: 190 of a 2,000-call burst from one
         # client; with 10,000, 12 to 67 of 12,000), at random between it and the hard limit.
-        # One connection holds at most open_calls_bound (its client queues the rest), and the
-        # soft limit is the hard one: the bound is exact, and no burst from a few connections
-        # reaches it.
-        ("grpc.max_concurrent_streams", open_calls_bound(settings)),
+        # The soft limit is the hard one: the bound is exact. (A per-connection bound through
+        # HTTP/2 max concurrent streams was tried: grpc refused some streams below it,
+        # RST_STREAM REFUSED_STREAM, UNAVAILABLE to 460-909 of 12,000 calls: it counts a stream
+        # until the event loop has let go of its call.)
         ("grpc.server.max_pending_requests", queued),
         ("grpc.server.max_pending_requests_hard_limit", queued),
         # One process owns the port unless worker processes are asked for explicitly: with

