@@ -15,13 +15,17 @@ from typing import Any
 import pytest
 import yaml
 
+from ml_serving.api.generate_port import GENERATE_METHODS
 from ml_serving.api.rpc import SERVICE
+from ml_serving.config import Settings
 from tests.support import REPO
 
 BASE = REPO / "deploy" / "base"
 SERVICE_NAME = SERVICE  # the manifests must name the service the code serves
 SCORE_PATH = f"/{SERVICE_NAME}/Score"
 NON_IDEMPOTENT_PATHS = {f"/{SERVICE_NAME}/Generate", f"/{SERVICE_NAME}/GenerateStream"}
+GENERATE_PORT_PATHS = {f"/{SERVICE_NAME}/{method}" for method in GENERATE_METHODS}
+MONITORING = REPO / "deploy" / "monitoring"
 # SIGKILL must not land exactly when the server's own grace runs out.
 MIN_KILL_MARGIN_S = 2
 # LiteLLM's import takes ~5 s; the startup probe must wait at least this long.
@@ -173,15 +177,24 @@ def test_liveness_does_not_restart_a_draining_pod() -> None:
 # --- probes ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("probe", ["startupProbe", "livenessProbe", "readinessProbe"])
-def test_probe_uses_native_grpc_on_the_server_port(probe: str) -> None:
+@pytest.mark.parametrize(
+    ("probe", "port", "setting"),
+    [
+        # The startup probe gates the others: the Generate port's process must be ready
+        # before readiness (the main port's) is even asked, so a Ready pod serves both ports.
+        ("startupProbe", "grpc-generate", "ML_SERVING_GENERATE_PORT"),
+        ("livenessProbe", "grpc", "ML_SERVING_PORT"),
+        ("readinessProbe", "grpc", "ML_SERVING_PORT"),
+    ],
+)
+def test_probe_uses_native_grpc_on_its_port(probe: str, port: str, setting: str) -> None:
     grpc_probe = _container()[probe]["grpc"]
-    assert grpc_probe["port"] == _container_port("grpc") == int(_env("ML_SERVING_PORT"))
+    assert grpc_probe["port"] == _container_port(port) == int(_env(setting))
 
 
 @pytest.mark.parametrize(
     ("probe", "service"),
-    [("startupProbe", ""), ("livenessProbe", ""), ("readinessProbe", SERVICE_NAME)],
+    [("startupProbe", SERVICE_NAME), ("livenessProbe", ""), ("readinessProbe", SERVICE_NAME)],
 )
 def test_probe_health_service_names(probe: str, service: str) -> None:
     assert _container()[probe]["grpc"]["service"] == service
@@ -199,6 +212,31 @@ def test_service_grpc_port() -> None:
     port = _service_port("grpc")
     assert port["appProtocol"] == "grpc"
     assert _resolve_target_port(port["targetPort"]) == int(_env("ML_SERVING_PORT"))
+
+
+def test_the_generate_port_is_exposed_and_the_settings_accept_it() -> None:
+    port = _service_port("grpc-generate")
+    assert port["appProtocol"] == "grpc"
+    generate_port = int(_env("ML_SERVING_GENERATE_PORT"))
+    assert _resolve_target_port(port["targetPort"]) == generate_port
+    # The container's settings as the server reads them: the split topology must validate.
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        port=int(_env("ML_SERVING_PORT")),
+        generate_port=generate_port,
+        metrics_port=int(_env("ML_SERVING_METRICS_PORT")),
+    )
+    assert settings.generate_port != settings.port
+
+
+def test_every_server_process_has_its_metrics_port_scraped() -> None:
+    # The Generate port's process serves /metrics after the main port's workers.
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    metrics_port = int(_env("ML_SERVING_METRICS_PORT"))
+    assert _container_port("gen-metrics") == metrics_port + settings.workers
+    (podmonitor,) = _load(MONITORING / "podmonitor.yaml")
+    scraped = {e["port"] for e in podmonitor["spec"]["podMetricsEndpoints"]}
+    assert scraped == {"http-metrics", "gen-metrics"}
 
 
 def test_service_selects_the_pods() -> None:
@@ -296,12 +334,20 @@ def test_virtualservice_retries_only_score() -> None:
             assert not _exact_paths(route) & {SCORE_PATH}
 
 
-def test_virtualservice_routes_have_timeouts_and_target_the_grpc_port() -> None:
+def test_virtualservice_routes_have_timeouts_and_target_the_method_s_port() -> None:
     grpc_port = _service_port("grpc")["port"]
+    generate_port = _service_port("grpc-generate")["port"]
+    routed_to_generate: set[str] = set()
     for route in _http_routes():
         assert _duration_s(route["timeout"]) > 0, f"route {route.get('name')}"
+        paths = _exact_paths(route)
+        # Only Generate's methods go to the Generate port (it refuses the rest).
+        expected = generate_port if paths and paths <= GENERATE_PORT_PATHS else grpc_port
         for destination in route["route"]:
-            assert destination["destination"]["port"]["number"] == grpc_port
+            assert destination["destination"]["port"]["number"] == expected, route.get("name")
+        if expected == generate_port:
+            routed_to_generate |= paths
+    assert routed_to_generate == GENERATE_PORT_PATHS
 
 
 def test_destination_rule_balances_per_request_over_mtls() -> None:
