@@ -227,6 +227,50 @@ def mixed_table(results: dict[str, Any]) -> list[str]:
     return _table([*header, "errors", "server cores"], body)
 
 
+ISOLATION_TOPOLOGIES = (
+    ("single", "one process (one port)"),
+    ("split", "split: Generate on `ML_SERVING_GENERATE_PORT` (nice +10)"),
+)
+
+
+def isolation_table(results: dict[str, Any]) -> list[str]:
+    """Score's p99 alone and beside saturating Generate, per topology, from the same run."""
+    body = []
+    for target, label in ISOLATION_TOPOLOGIES:
+        for row in rows_of(results, "isolation", target):
+            alone, loaded = row["score_alone"], row["score_with_generate"]
+            body.append(
+                [
+                    label,
+                    _f(row.get("score_rate"), 0),
+                    _f(alone.get("score_p50_ms"), 2),
+                    _f(alone.get("score_p99_ms"), 2),
+                    _f(loaded.get("score_p50_ms"), 2),
+                    _f(loaded.get("score_p99_ms"), 2),
+                    _f(row.get("p99_ratio"), 2),
+                    f"{row.get('concurrency')} in flight, "
+                    f"{_f(loaded.get('generate_calls_per_s'), 1)}/s",
+                    f"{_f(alone.get('server_cores'), 2)} / {_f(loaded.get('server_cores'), 2)}",
+                    str(row.get("error_count", 0)),
+                ]
+            )
+    return _table(
+        [
+            "topology",
+            "Score offered/s",
+            "alone p50 ms",
+            "alone p99 ms",
+            "beside Generate p50 ms",
+            "beside Generate p99 ms",
+            "p99 ÷ alone",
+            "Generate",
+            "server cores, alone / beside",
+            "errors",
+        ],
+        body,
+    )
+
+
 def verdict_lines(verdicts: list[Verdict]) -> list[str]:
     return [f"- {'PASS' if v.ok else 'FAIL'}: {v.describe()}" for v in verdicts]
 
@@ -498,6 +542,19 @@ def render_markdown(results: dict[str, Any], verdicts: list[Verdict] | None) -> 
                 "",
             ]
         lines += [*mixed_table(results), ""]
+    if any(rows_of(results, "isolation", target) for target, _ in ISOLATION_TOPOLOGIES):
+        lines += [
+            "## Score beside saturating Generate (isolation)",
+            "",
+            "Score offered open loop at a fixed rate from its own client process, alone and then "
+            "beside Generate kept at its concurrency in flight (closed loop, another process), "
+            "in alternating rounds of the same run, each topology in turn within every round; "
+            "server cores count every process of the server. `bench/thresholds.json` judges "
+            "the split topology; the single process is reported beside it.",
+            "",
+            *isolation_table(results),
+            "",
+        ]
     unhealthy = [
         r
         for r in results["rows"]

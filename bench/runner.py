@@ -463,8 +463,11 @@ class Bench:
 
     def _run_isolation(self, scenario: Scenario) -> None:
         """Score open loop at scenario.score_rate, alone and beside the Generate source closed
-        loop at concurrencies[0], alternating (bench/isolation.py); one row with both sides."""
+        loop at concurrencies[0], alternating, in both topologies (bench/isolation.py): this
+        server (one process serves both) and a split one (ML_SERVING_GENERATE_PORT) started
+        for it. One row per topology."""
         assert self.server is not None and scenario.score_rate is not None
+        assert self.upstream is not None, "the isolation scenario makes Generate calls"
         generate_stem = scenario.sources[-1][0]
         plan = isolation.Plan(
             score_rate=scenario.score_rate,
@@ -475,29 +478,24 @@ class Bench:
         )
         self._settle(self.server)
         self._set_pace((self.o.ttft_s, self.o.token_delay_s))
-        result = isolation.measure(plan, f"127.0.0.1:{self.server_port}", self.server, self.o.log)
-        alone, loaded = result["score_alone"], result["score_with_generate"]
-        errors = alone["score_errors"] + loaded["score_errors"] + loaded.get("generate_errors", 0)
-        row: dict[str, Any] = {
-            "scenario": scenario.name,
-            "target": "isolation",
-            "concurrency": plan.generate_concurrency,
-            "score_rate": plan.score_rate,
-            "generate_method": plan.generate_method,
-            "rounds": plan.rounds,
-            "score_alone": alone,
-            "score_with_generate": loaded,
-            "p99_ratio": result["p99_ratio"],
-            "error_count": errors,
-            "workers": self.workers,
-        }
-        self.rows.append(row)
-        self.o.log(
-            f"{scenario.name:<16} Score at {plan.score_rate:.0f}/s: p99 {alone['score_p99_ms']} ms "
-            f"alone, {loaded['score_p99_ms']} ms beside {plan.generate_concurrency} "
-            f"{plan.generate_method} in flight ({loaded.get('generate_calls_per_s')} calls/s): "
-            f"x{result['p99_ratio']}  errors {errors}"
+        rows = isolation.run(
+            plan,
+            (f"127.0.0.1:{self.server_port}", self.server),
+            isolation.llm_env(self.o.work_dir / "llm.yaml", self.o.server_env),
+            self.o.work_dir,
+            self.workers,
+            self.o.log,
         )
+        for row in rows:
+            self.rows.append(row)
+            alone, loaded = row["score_alone"], row["score_with_generate"]
+            self.o.log(
+                f"{scenario.name:<16} {row['target']:<7} Score at {plan.score_rate:.0f}/s: p99 "
+                f"{alone['score_p99_ms']} ms alone, {loaded['score_p99_ms']} ms beside "
+                f"{plan.generate_concurrency} {plan.generate_method} in flight "
+                f"({loaded.get('generate_calls_per_s')} calls/s): x{row['p99_ratio']}  "
+                f"errors {row['error_count']}"
+            )
 
     def _settle(self, proc: procs.Proc, timeout_s: float = 60.0) -> float:
         """Wait until `proc` is idle (< 0.1 core over 0.5 s), so that work left over from the

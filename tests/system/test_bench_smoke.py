@@ -201,17 +201,18 @@ def synthetic_results(score_qps_ratio: float) -> dict[str, Any]:
         ours["vs_baseline"] = runner.compare(ours, direct)
         rows += [direct, ours]
     side = {"score_p99_ms": 6.0, "score_errors": 0, "generate_errors": 0}
-    rows.append(
-        {
-            "scenario": "isolation",
-            "target": "isolation",
-            "concurrency": 32,
-            "score_alone": side,
-            "score_with_generate": side,
-            "p99_ratio": 1.2,
-            "error_count": 0,
-        }
-    )
+    for topology, p99_ratio in (("single", 3.0), ("split", 1.2)):  # only split is judged
+        rows.append(
+            {
+                "scenario": "isolation",
+                "target": topology,
+                "concurrency": 32,
+                "score_alone": side,
+                "score_with_generate": side,
+                "p99_ratio": p99_ratio,
+                "error_count": 0,
+            }
+        )
     mixed = merge_results([_result(10, 2.0)])
     mixed.samples["Generate"] = Samples(latency=[0.5], ok=1)
     rows.append(runner.make_row("mixed", "server", 32, mixed, 100))
@@ -265,6 +266,9 @@ def test_report_writes_json_markdown_and_plot(tmp_path: Path) -> None:
     assert "## Score vs the bare gRPC ceiling" in markdown
     assert "| 64 |" in markdown and "What limits scaling here" in markdown
     assert "## Feature store" in markdown and "get_online_features" in markdown
+    isolation = markdown.split("## Score beside saturating Generate (isolation)")[1]
+    assert "| one process (one port) |" in isolation and "| 3.00 |" in isolation
+    assert "| split: Generate on `ML_SERVING_GENERATE_PORT` (nice +10) |" in isolation
     assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert verdicts is not None and len(verdicts) == len(check.load_thresholds())
 
