@@ -24,7 +24,7 @@ from ml_serving.features.repo import StoreConfig
 from ml_serving.features.stores import open_store
 from ml_serving.scoring import features
 from ml_serving.training import feature_store, simulator
-from tests.support.feature_store import RedisServer, redis_yaml
+from tests.support.feature_store import RedisServer, every_value, latest, redis_yaml
 
 SEED = 20240611
 CANDIDATES = 20
@@ -32,15 +32,11 @@ HOUR = {"local_hour_sin": 0.5, "local_hour_cos": -0.866}
 SCORE_PATH = "/mlserving.v1.InferenceService/Score"
 
 
-def _latest(frame: pd.DataFrame, key: str) -> pd.DataFrame:
-    return frame.sort_values("event_timestamp").groupby(key).tail(1).set_index(key)
-
-
 def build_requests(repo: Path, n: int) -> tuple[list[bytes], list[bytes]]:
     """`n` pairs of Score requests for `n` different users and 20 tips each: by ids only, and
     with every value the store holds sent in the request (the same values, so the same scores)."""
-    users = _latest(pd.read_parquet(repo / "data" / "users.parquet"), "user_id")
-    tips = _latest(pd.read_parquet(repo / "data" / "tips.parquet"), "tip_id")
+    users = latest(pd.read_parquet(repo / "data" / "users.parquet"), "user_id")
+    tips = latest(pd.read_parquet(repo / "data" / "tips.parquet"), "tip_id")
     rng = np.random.Generator(np.random.PCG64(1))
     user_ids = list(users.index[rng.permutation(len(users))[:n]])
     tip_ids = list(tips.index)
@@ -58,22 +54,7 @@ def build_requests(repo: Path, n: int) -> tuple[list[bytes], list[bytes]]:
                 response_layout=scoring_pb2.SCORE_LAYOUT_COLUMNS,
             ).SerializeToString()
         )
-        context = dict(HOUR)
-        for spec in features.CONTEXT_FEATURES:
-            if spec.name not in HOUR and not pd.isna(row[spec.name]):
-                context[spec.name] = float(row[spec.name])
-        values: list[float] = []
-        for tip in chosen:
-            t = tips.loc[tip]
-            for name in names:
-                if name.startswith("category_"):
-                    values.append(float(t["category"] == name.removeprefix("category_")))
-                elif name == "topic_affinity":
-                    a = row[f"affinity_{t['category']}"]
-                    values.append(features.TOPIC_AFFINITY_PRIOR if pd.isna(a) else float(a))
-                else:
-                    v = t[name]
-                    values.append(features.TIP_CTR_PRIOR if pd.isna(v) else float(v))
+        context, values = every_value(row, tips.loc[chosen], HOUR)
         full.append(
             pb.ScoreRequest(
                 user_id=user,

@@ -365,20 +365,21 @@ class FeatureLookup:
             candidates = np.where(missing_candidates, stored, candidates).astype(DTYPE, copy=False)
         if user is not None and missing_context.any():
             context = np.where(missing_context, user.context, context).astype(DTYPE, copy=False)
-        defaulted = 0
-        still = np.isnan(context)
-        if still.any():
-            context = np.where(still, fallback[0], context).astype(DTYPE, copy=False)
-            n = int(still.sum())
-            self.defaults["context"] += n
-            defaulted += n
-        still_c = np.isnan(candidates)
-        if still_c.any():
-            candidates = np.where(still_c, fallback[1], candidates).astype(DTYPE, copy=False)
-            n = int(still_c.sum())
-            self.defaults["candidate"] += n
-            defaulted += n
-        return Completed(context, candidates, defaulted)
+        context, in_context = self._training_means(context, fallback[0], "context")
+        candidates, in_candidates = self._training_means(candidates, fallback[1], "candidate")
+        return Completed(context, candidates, in_context + in_candidates)
+
+    def _training_means(
+        self, values: Float32Array, means: Float32Array, group: str
+    ) -> tuple[Float32Array, int]:
+        """``values`` with every NaN left replaced by its feature's training mean, and how many
+        were (counted in ``defaults``)."""
+        still = np.isnan(values)
+        if not still.any():
+            return values, 0
+        n = int(still.sum())
+        self.defaults[group] += n
+        return np.where(still, means, values).astype(DTYPE, copy=False), n
 
     async def close(self) -> None:
         await self.store.close()

@@ -21,7 +21,13 @@ from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from ml_serving.api import server
 from ml_serving.scoring import features
-from tests.support.feature_store import RedisServer, redis_yaml, small_repo
+from tests.support.feature_store import (
+    RedisServer,
+    every_value,
+    latest,
+    redis_yaml,
+    small_repo,
+)
 from tests.support.servers import StartServer
 
 HOUR = {"local_hour_sin": 0.5, "local_hour_cos": -0.866}
@@ -33,15 +39,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def latest(repo: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def online(repo: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """What materialize put online: each user's and tip's latest snapshot."""
     users = pd.read_parquet(repo / "data" / "users.parquet")
     tips = pd.read_parquet(repo / "data" / "tips.parquet")
-    return _last(users, "user_id"), _last(tips, "tip_id")
-
-
-def _last(frame: pd.DataFrame, key: str) -> pd.DataFrame:
-    return frame.sort_values("event_timestamp").groupby(key).tail(1).set_index(key)
+    return latest(users, "user_id"), latest(tips, "tip_id")
 
 
 def _by_ids(user: str, tips: list[str], **extra: Any) -> pb.ScoreRequest:
@@ -57,34 +59,13 @@ def _by_ids(user: str, tips: list[str], **extra: Any) -> pb.ScoreRequest:
 
 def _full(user_row: pd.Series, tip_rows: pd.DataFrame, **override: float) -> pb.ScoreRequest:
     """Every model input sent explicitly, from the snapshots the store holds."""
-    context = {}
-    for spec in features.CONTEXT_FEATURES:
-        if spec.name in HOUR:
-            context[spec.name] = HOUR[spec.name]
-        elif not pd.isna(user_row[spec.name]):
-            context[spec.name] = float(user_row[spec.name])
+    context, values = every_value(user_row, tip_rows, HOUR)
     context.update(override)
-    affinity = {c: user_row[f"affinity_{c}"] for c in features.CATEGORIES}
-    names = list(features.CANDIDATE_FEATURE_NAMES)
-    values: list[float] = []
-    for _, tip in tip_rows.iterrows():
-        for name in names:
-            if name.startswith("category_"):
-                values.append(float(tip["category"] == name.removeprefix("category_")))
-            elif name == "topic_affinity":
-                a = affinity[tip["category"]]
-                values.append(features.TOPIC_AFFINITY_PRIOR if pd.isna(a) else float(a))
-            elif pd.isna(tip[name]):
-                default = features.CANDIDATE_FEATURES[names.index(name)].default
-                assert default is not None
-                values.append(default)
-            else:
-                values.append(float(tip[name]))
     return pb.ScoreRequest(
         user_id=str(user_row.name),
         context_feature_names=list(context),
         context_values=list(context.values()),
-        candidate_feature_names=names,
+        candidate_feature_names=list(features.CANDIDATE_FEATURE_NAMES),
         candidate_ids=list(tip_rows.index),
         candidate_values=values,
         response_layout=scoring_pb2.SCORE_LAYOUT_COLUMNS,
@@ -109,10 +90,10 @@ async def _tips_loaded(app: server.App) -> None:
 
 
 async def test_a_request_with_ids_and_request_time_values_is_scored_from_the_store(
-    stub: Any, latest: tuple[pd.DataFrame, pd.DataFrame]
+    stub: Any, online: tuple[pd.DataFrame, pd.DataFrame]
 ) -> None:
     client, app = stub
-    users, tips = latest
+    users, tips = online
     user = str(users.index[3])
     chosen = tips.iloc[:6]
     by_ids = await client.Score(_by_ids(user, list(chosen.index)))
@@ -124,10 +105,10 @@ async def test_a_request_with_ids_and_request_time_values_is_scored_from_the_sto
 
 
 async def test_a_value_the_request_sends_wins_over_the_store(
-    stub: Any, latest: tuple[pd.DataFrame, pd.DataFrame]
+    stub: Any, online: tuple[pd.DataFrame, pd.DataFrame]
 ) -> None:
     client, _ = stub
-    users, tips = latest
+    users, tips = online
     user = str(users.index[5])
     chosen = tips.iloc[:4]
     stored = await client.Score(_by_ids(user, list(chosen.index)))
@@ -138,10 +119,10 @@ async def test_a_value_the_request_sends_wins_over_the_store(
 
 
 async def test_the_row_form_is_served_from_the_store_too(
-    stub: Any, latest: tuple[pd.DataFrame, pd.DataFrame]
+    stub: Any, online: tuple[pd.DataFrame, pd.DataFrame]
 ) -> None:
     client, _ = stub
-    users, tips = latest
+    users, tips = online
     ids = list(tips.index[:3])
     reply = await client.Score(
         pb.ScoreRequest(
@@ -156,10 +137,10 @@ async def test_the_row_form_is_served_from_the_store_too(
 
 
 async def test_unknown_users_and_tips_take_training_means_and_are_counted(
-    stub: Any, latest: tuple[pd.DataFrame, pd.DataFrame]
+    stub: Any, online: tuple[pd.DataFrame, pd.DataFrame]
 ) -> None:
     client, app = stub
-    _, tips = latest
+    _, tips = online
     known = list(tips.index[:2])
     reply = await client.Score(_by_ids("user-never-seen", [*known, "tip-never-seen"]))
     user_context = sum(s is features.Source.USER for s in features.SOURCES.values())
@@ -178,10 +159,10 @@ async def test_request_time_features_must_still_be_sent(stub: Any) -> None:
 
 
 async def test_generate_fills_an_empty_prompt_context_from_the_profile_view(
-    stub: Any, latest: tuple[pd.DataFrame, pd.DataFrame]
+    stub: Any, online: tuple[pd.DataFrame, pd.DataFrame]
 ) -> None:
     client, app = stub
-    users, _ = latest
+    users, _ = online
     streaky = users[users["streak_days"] > 1]
     user = str(streaky.index[0])
     reply = await client.Generate(pb.GenerateRequest(user_id=user))

@@ -7,8 +7,12 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
+import pandas as pd
+
+from ml_serving.scoring import features
 from ml_serving.training import feature_store, simulator
 from tests.support.server_process import free_port
 
@@ -96,3 +100,34 @@ def small_repo(directory: Path, *, redis: RedisServer | None = None) -> Path:
     feature_store.apply(repo)
     feature_store.materialize(repo)
     return repo
+
+
+def latest(frame: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Each entity's latest snapshot (what materialize puts online), indexed by `key`."""
+    return frame.sort_values("event_timestamp").groupby(key).tail(1).set_index(key)
+
+
+def every_value(
+    user: pd.Series, tips: pd.DataFrame, hour: Mapping[str, float]
+) -> tuple[dict[str, float], list[float]]:
+    """What a caller without a feature store sends for `user` and `tips` (rows of `latest`):
+    the context values by name (a stored null left out: the feature's default) and every
+    candidate's values in `features.CANDIDATE_FEATURE_NAMES` order, row-major."""
+    context = dict(hour)
+    for spec in features.CONTEXT_FEATURES:
+        if spec.name not in hour and not pd.isna(user[spec.name]):
+            context[spec.name] = float(user[spec.name])
+    values: list[float] = []
+    for _, tip in tips.iterrows():
+        for spec in features.CANDIDATE_FEATURES:
+            name = spec.name
+            if name.startswith("category_"):
+                values.append(float(tip["category"] == name.removeprefix("category_")))
+                continue
+            raw = user[f"affinity_{tip['category']}"] if name == "topic_affinity" else tip[name]
+            if pd.isna(raw):
+                assert spec.default is not None
+                values.append(spec.default)
+            else:
+                values.append(float(raw))
+    return context, values
