@@ -123,13 +123,15 @@ def main() -> int:
     except ValidationError as exc:
         print(f"ml-serving: invalid configuration:\n{exc}", file=sys.stderr)
         return workers.CONFIG_ERROR_EXIT
+    supervise = settings.workers > 1 or bool(settings.generate_port)
     niceness = None
-    if settings.generate_only:
+    if settings.generate_only and not supervise:
         # Before logs.configure starts its writer thread: threads inherit their creator's
-        # priority, and every thread of a Generate-port process must run below Score's.
+        # priority, and every thread of a Generate-port process must run below Score's. (A
+        # supervisor of Generate-only workers stays as it is: each worker lowers its own.)
         niceness = workers.lower_priority(settings.generate_nice)
     logs.configure(settings.log_level, settings.log_json, secrets=_secrets(settings))
-    if settings.workers > 1 or settings.generate_port:
+    if supervise:
         return workers.Supervisor(settings).run()
     if niceness is not None:
         logger.info("serving Generate and GenerateStream only", extra={"nice": niceness})

@@ -75,7 +75,9 @@ def worker_env(
     env["ML_SERVING_REUSE_PORT"] = "true" if sharing > 1 else "false"
     # A worker never supervises: it serves one port, in one role.
     env["ML_SERVING_GENERATE_PORT"] = "0"
-    env["ML_SERVING_GENERATE_ONLY"] = "true" if generate else "false"
+    # Generate-only workers under this supervisor (ML_SERVING_GENERATE_ONLY with several
+    # ML_SERVING_WORKERS, no Generate port) stay Generate-only.
+    env["ML_SERVING_GENERATE_ONLY"] = "true" if generate or settings.generate_only else "false"
     if generate:
         env["ML_SERVING_PORT"] = str(settings.generate_port)
     metrics_port = settings.metrics_port + index if settings.metrics_port else 0

@@ -47,6 +47,9 @@ def test_worker_env_puts_the_generate_workers_on_their_port_after_the_main_ones(
     for env in envs:  # no worker supervises in turn
         assert env["ML_SERVING_GENERATE_PORT"] == "0" and env["ML_SERVING_WORKERS"] == "1"
         assert env["ML_SERVING_REUSE_PORT"] == "true" and env["PATH"] == "/bin"
+    # Generate-only workers sharing a port under this supervisor keep their role.
+    generate_only = _settings(port=50052, workers=2, generate_only=True)
+    assert workers.worker_env(generate_only, 1, {})["ML_SERVING_GENERATE_ONLY"] == "true"
     # One process per port: nobody else may bind it by mistake.
     single = _settings(port=50051, generate_port=50052)
     assert [workers.worker_env(single, k, {})["ML_SERVING_REUSE_PORT"] for k in (0, 1)] == [
