@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     """Root log level."""
     log_json: bool = True
     """One JSON object per log line (for log shippers); false gives plain text."""
+    access_log_sample: float = Field(default=0.01, ge=0.0, le=1.0)
+    """Share of the OK calls of Score and ListPromptVersions that write an access-log line (as
+    Envoy and Istio sample theirs): every non-OK call and every Generate and GenerateStream call
+    always writes one, and the metrics count every call. 1 logs every call."""
 
     otel_traces_exporter: str = Field(
         default="none", validation_alias=AliasChoices("OTEL_TRACES_EXPORTER")

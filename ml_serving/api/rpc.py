@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import time
+from random import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, Final, ParamSpec, Protocol, TypeVar
@@ -54,6 +55,9 @@ METHOD_TYPES: Final = {m.name: _cardinality(m) for m in SERVICE_DESCRIPTOR.metho
 _WRAPPED_AS = "__rpc_layer__"
 """Attribute the layer's wrappers carry: the grpc_type they implement."""
 REQUEST_ID_KEY = "x-request-id"
+ALWAYS_LOGGED: Final = frozenset({"Generate", "GenerateStream"})
+"""Methods whose every call writes an access-log line; OK calls of the others are sampled
+(`Gate.access_sample`), as Envoy and Istio sample theirs. A non-OK call is always logged."""
 _MAX_REQUEST_ID_LEN = MAX_ID_CHARS
 # Status messages ride in the grpc-message header (percent-encoded, so up to 9 bytes per
 # character) and clients refuse metadata over 16 KiB: a longer message would turn the status
@@ -100,6 +104,9 @@ class Gate:
     its clients see UNAVAILABLE, so a call cancelled from then on is logged as that."""
     streams: set[_StreamWrites] = field(default_factory=set)
     """The server-streaming calls in progress, for `watch_stalls`."""
+    access_sample: float = 1.0
+    """Share of the OK calls of methods not in ALWAYS_LOGGED that write an access-log line
+    (Settings.access_log_sample); the metrics count every call whatever it is."""
 
     def admit(self) -> None:
         """Take a slot or raise: UNAVAILABLE while draining, RESOURCE_EXHAUSTED when full."""
@@ -164,9 +171,10 @@ class _RequestIds:
 _request_ids = _RequestIds()
 
 
-def _request_id(metadata: Sequence[tuple[str, Any]]) -> tuple[str, int]:
-    """The call's request id, and the length of the caller's when it was over the bound on ids
-    (0 otherwise): such a call gets a generated id and is refused (INVALID_ARGUMENT)."""
+def _request_id(metadata: Sequence[tuple[str, Any]]) -> tuple[str, int, bool]:
+    """The call's request id, the length of the caller's when it was over the bound on ids
+    (0 otherwise: such a call gets a generated id and is refused, INVALID_ARGUMENT), and
+    whether the caller sent one (it then always comes back in the trailers)."""
     for key, value in metadata:
         if key == REQUEST_ID_KEY and isinstance(value, str) and value:
             # Caller-chosen ids go to logs and back out in the trailers, where grpc refuses any
@@ -176,10 +184,10 @@ def _request_id(metadata: Sequence[tuple[str, Any]]) -> tuple[str, int]:
                 value = "".join(ch for ch in value if ch.isascii() and ch.isprintable())
             if len(value) > _MAX_REQUEST_ID_LEN:
                 # Cut short, it would correlate this call with someone else's.
-                return _request_ids.next(), len(value)
+                return _request_ids.next(), len(value), True
             if value:
-                return value, 0
-    return _request_ids.next(), 0
+                return value, 0, True
+    return _request_ids.next(), 0, False
 
 
 @dataclass(frozen=True)
@@ -262,20 +270,49 @@ def _status_details(exc: errors.ServingError) -> tuple[tuple[str, bytes], ...]:
 class _Call:
     """One RPC's bookkeeping: request id in and out, its admission slot, the access-log line."""
 
-    def __init__(self, gate: Gate, method: str, context: grpc.aio.ServicerContext[Any, Any]):
+    __slots__ = (
+        "gate",
+        "method",
+        "context",
+        "metadata",
+        "request_id",
+        "_long_id",
+        "notes",
+        "admitted",
+        "started",
+        "logged",
+        "_tokens",
+        "_span",
+    )
+
+    def __init__(
+        self,
+        gate: Gate,
+        method: str,
+        path: str,
+        always_logged: bool,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ):
         self.gate = gate
         self.method = method
         self.context = context
         # Read once: request id, tracing and the bearer check all look at it.
         self.metadata: Sequence[tuple[str, Any]] = tuple(context.invocation_metadata() or ())
-        self.request_id, self._long_id = _request_id(self.metadata)
+        self.request_id, self._long_id, sent = _request_id(self.metadata)
         self.notes: dict[str, Any] = {}
         self.admitted = False
         self.started = gate.last_arrival = time.perf_counter()
         gate.arrivals += 1
+        # Drawn now, so that the trailers can say so: whether an OK end writes its line.
+        sample = gate.access_sample
+        self.logged = always_logged or sample >= 1.0 or (sample > 0.0 and random() < sample)
         self._tokens = (request_id_var.set(self.request_id), access_notes_var.set(self.notes))
-        self._span = tracing.rpc_span(f"/{SERVICE}/{method}", self.metadata)
-        context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+        self._span = tracing.rpc_span(path, self.metadata) if tracing.enabled else None
+        if sent or self.logged:
+            # The id comes back when the caller chose it, or when a line carries it; a failure
+            # sends it with its status (`fail`). A generated id no line holds would only cost
+            # grpc a trailer on each sampled-out call.
+            context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
         for observer in gate.observers:
             observer.rpc_started(method)
 
@@ -307,16 +344,17 @@ class _Call:
             self.gate.in_flight -= 1
             self.admitted = False
         elapsed = time.perf_counter() - self.started
-        _access_log.log(
-            f"rpc {self.method} {code}",
-            {
-                "request_id": self.request_id,
-                "method": self.method,
-                "code": code,
-                "duration_ms": round(elapsed * 1e3, 3),
-                **self.notes,
-            },
-        )
+        if self.logged or code != "OK":
+            _access_log.log(
+                f"rpc {self.method} {code}",
+                {
+                    "request_id": self.request_id,
+                    "method": self.method,
+                    "code": code,
+                    "duration_ms": round(elapsed * 1e3, 3),
+                    **self.notes,
+                },
+            )
         for observer in self.gate.observers:
             observer.rpc_finished(self.method, code, elapsed, self.notes)
         if self._span is not None:
@@ -361,6 +399,8 @@ def unary(handler: UnaryHandler[S, Req, Resp, P]) -> UnaryHandler[S, Req, Resp, 
     """Wrap a unary handler, named as its RPC: auth, admission, request id, error mapping, one
     access-log line and the metrics."""
     method = handler.__name__
+    path = f"/{SERVICE}/{method}"
+    always_logged = method in ALWAYS_LOGGED
 
     @functools.wraps(handler)
     async def wrapper(
@@ -370,7 +410,7 @@ def unary(handler: UnaryHandler[S, Req, Resp, P]) -> UnaryHandler[S, Req, Resp, 
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> Resp:
-        call = _Call(self.gate, method, context)
+        call = _Call(self.gate, method, path, always_logged, context)
         try:
             call.admit(request)
             response = await handler(self, request, context, *args, **kwargs)
@@ -391,6 +431,8 @@ def server_streaming(handler: StreamHandler[S, Req, Resp, P]) -> StreamHandler[S
     """Wrap a server-streaming handler, named as its RPC, the same way as `unary`; the wrapper
     writes each message itself, so a client that stops reading is noticed (`watch_stalls`)."""
     method = handler.__name__
+    path = f"/{SERVICE}/{method}"
+    always_logged = method in ALWAYS_LOGGED
 
     @functools.wraps(handler)
     async def wrapper(
@@ -400,7 +442,7 @@ def server_streaming(handler: StreamHandler[S, Req, Resp, P]) -> StreamHandler[S
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> None:
-        call = _Call(self.gate, method, context)
+        call = _Call(self.gate, method, path, always_logged, context)
         writes = _StreamWrites(asyncio.current_task())
         streams = self.gate.streams
         stream = handler(self, request, context, *args, **kwargs)
@@ -451,7 +493,7 @@ class UnknownMethods(grpc.GenericRpcHandler):
 async def _unimplemented(
     path: str, _requests: object, context: grpc.aio.ServicerContext[Any, Any]
 ) -> None:
-    request_id, _ = _request_id(tuple(context.invocation_metadata() or ()))
+    request_id, _, _ = _request_id(tuple(context.invocation_metadata() or ()))
     _access_log.log(
         "rpc (unknown method) UNIMPLEMENTED",
         {"request_id": request_id, "method": path, "code": "UNIMPLEMENTED", "duration_ms": 0.0},

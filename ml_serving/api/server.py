@@ -181,6 +181,7 @@ async def start(settings: Settings) -> App:
         limit=settings.max_concurrent_rpcs,
         auth_token=settings.auth_token,
         stall_timeout_s=settings.stream_stall_timeout_s,
+        access_sample=settings.access_log_sample,
     )
     generator = Generator(
         prompts,

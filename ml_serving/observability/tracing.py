@@ -77,22 +77,11 @@ class _Attachment:
 
 
 class RpcSpan:
-    """The server span of one RPC, parented on the trace context in its metadata.
+    """The server span of one RPC, made current for the call; see :func:`rpc_span`."""
 
-    Create it only when ``enabled``; see :func:`rpc_span`.
-    """
-
-    def __init__(self, full_method: str, metadata: Iterable[tuple[str, Any]]) -> None:
-        carrier = {key: value for key, value in metadata if isinstance(value, str)}
-        parent = propagate.extract(carrier)
-        service, _, method = full_method.rpartition("/")
-        self.span: Span = tracer.start_span(
-            full_method,
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
-        )
-        self._attachment = _Attachment(self.span, parent)
+    def __init__(self, span: Span, parent: otel_context.Context) -> None:
+        self.span = span
+        self._attachment = _Attachment(span, parent)
 
     def end(self, code: str, notes: dict[str, Any]) -> None:
         """Close the span with the RPC's status code and access-log annotations."""
@@ -106,9 +95,37 @@ class RpcSpan:
         self._attachment.detach()
 
 
+def _unsampled(traceparent: str) -> bool:
+    """Whether a W3C traceparent ("00-<trace id>-<span id>-<flags>") has its sampled flag off."""
+    try:
+        return not int(traceparent[-2:], 16) & 1
+    except ValueError:
+        return False  # malformed: left to the propagator, which ignores it
+
+
 def rpc_span(full_method: str, metadata: Iterable[tuple[str, Any]]) -> RpcSpan | None:
-    """The RPC's server span, or None when tracing is off."""
-    return RpcSpan(full_method, metadata) if enabled else None
+    """The RPC's server span, parented on the trace context in its metadata; None when tracing
+    is off or the call is not sampled (the caller's traceparent says so, or the sampler drops
+    the new trace). Then nothing is recorded or made current, and the call's child spans are
+    skipped as well (`child_span`): an unsampled call costs no span work.
+    """
+    if not enabled:
+        return None
+    carrier = {key: value for key, value in metadata if isinstance(value, str)}
+    traceparent = carrier.get("traceparent")
+    if traceparent is not None and _unsampled(traceparent):
+        return None  # decided upstream: no need to parse it or to ask the sampler
+    parent = propagate.extract(carrier)
+    service, _, method = full_method.rpartition("/")
+    span = tracer.start_span(
+        full_method,
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+    )
+    if not span.is_recording():
+        return None  # the sampler dropped it: a non-recording span has nothing to end
+    return RpcSpan(span, parent)
 
 
 @contextmanager
@@ -132,5 +149,12 @@ def _child_span(name: str, attributes: dict[str, Any]) -> Iterator[None]:
 
 
 def child_span(name: str, **attributes: str | int | float | bool) -> AbstractContextManager[None]:
-    """A child span of the current one (scoring, the LLM call); nothing when tracing is off."""
-    return _child_span(name, attributes) if enabled else nullcontext()
+    """A child span of the current one (scoring, the LLM call); nothing when tracing is off or
+    no recording span is current (the RPC was not sampled: its parts are not either)."""
+    if enabled and trace.get_current_span().is_recording():
+        return _child_span(name, attributes)
+    return _NOTHING
+
+
+_NOTHING: AbstractContextManager[None] = nullcontext()
+"""One shared no-op context manager (nullcontext holds no state: it can be re-entered)."""

@@ -7,9 +7,12 @@ import json
 import logging
 import time
 
+import grpc
 import pytest
 
+from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
+from ml_serving.api import rpc, server
 from ml_serving.observability import logs
 from tests.support.requests import generate_request, score_request
 
@@ -24,8 +27,12 @@ def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
 
 
 async def test_one_json_line_per_rpc(
-    stub: pb_grpc.InferenceServiceAsyncStub, caplog: pytest.LogCaptureFixture
+    stub: pb_grpc.InferenceServiceAsyncStub,
+    app: server.App,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    monkeypatch.setattr(app.gate, "access_sample", 1.0)  # every OK Score logged too
     caplog.set_level(logging.INFO, logger="ml_serving.access")
     await stub.Generate(
         generate_request(prompt_version="v3-few-shot"), metadata=(("x-request-id", "log-1"),)
@@ -40,6 +47,70 @@ async def test_one_json_line_per_rpc(
     assert isinstance(generate["duration_ms"], float)
     score = next(line for line in lines if line["request_id"] == "log-2")
     assert score["method"] == "Score" and str(score["model"]).startswith("tips-ranker:")
+
+
+def _handled(app: server.App, method: str, code: str) -> float:
+    labels = {"grpc_service": rpc.SERVICE, "grpc_method": method, "grpc_code": code}
+    labels["grpc_type"] = rpc.METHOD_TYPES[method]
+    return app.metrics.registry.get_sample_value("grpc_server_handled_total", labels) or 0.0
+
+
+async def test_ok_calls_of_the_fast_methods_are_sampled_the_rest_always_logged(
+    stub: pb_grpc.InferenceServiceAsyncStub,
+    app: server.App,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Sampled out (share 0): an OK Score writes no line, and sends no request-id trailer unless
+    the caller chose the id; the metrics count it all the same. A failed call, and every
+    Generate, keeps its line and its trailer."""
+    monkeypatch.setattr(app.gate, "access_sample", 0.0)
+    caplog.set_level(logging.INFO, logger="ml_serving.access")
+    ok_before = _handled(app, "Score", "OK")
+    bad_before = _handled(app, "Score", "INVALID_ARGUMENT")
+    call = stub.Score(score_request())
+    await call
+    assert rpc.REQUEST_ID_KEY not in dict(await call.trailing_metadata())
+    call = stub.Score(score_request(), metadata=((rpc.REQUEST_ID_KEY, "sampled-out-1"),))
+    await call
+    assert dict(await call.trailing_metadata())[rpc.REQUEST_ID_KEY] == "sampled-out-1"
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await stub.Score(pb.ScoreRequest(response_layout=99))
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    failed_id = dict(failed.value.trailing_metadata() or ())[rpc.REQUEST_ID_KEY]
+    call = stub.Generate(generate_request())
+    await call
+    generate_id = dict(await call.trailing_metadata())[rpc.REQUEST_ID_KEY]
+    lines = access_lines(caplog)
+    assert [(line["method"], line["code"], line["request_id"]) for line in lines] == [
+        ("Score", "INVALID_ARGUMENT", failed_id),
+        ("Generate", "OK", generate_id),
+    ]
+    assert _handled(app, "Score", "OK") == ok_before + 2
+    assert _handled(app, "Score", "INVALID_ARGUMENT") == bad_before + 1
+
+
+async def test_a_share_of_ok_calls_is_logged(
+    stub: pb_grpc.InferenceServiceAsyncStub,
+    app: server.App,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At a share of one half, about half of 400 OK calls write a line, and exactly those
+    calls bring back a generated request id, the one their line holds."""
+    monkeypatch.setattr(app.gate, "access_sample", 0.5)
+    caplog.set_level(logging.INFO, logger="ml_serving.access")
+    returned = []
+    for _ in range(400):
+        call = stub.ListPromptVersions(pb.ListPromptVersionsRequest())
+        await call
+        request_id = dict(await call.trailing_metadata()).get(rpc.REQUEST_ID_KEY)
+        if request_id is not None:
+            returned.append(request_id)
+    logged = [line["request_id"] for line in access_lines(caplog)]
+    assert logged == returned
+    # Binomial(400, 0.5): outside 120..280 with a probability under 1e-18.
+    assert 120 <= len(logged) <= 280
 
 
 async def test_prompts_and_completions_stay_out_of_info_logs(

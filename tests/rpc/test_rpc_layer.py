@@ -71,11 +71,11 @@ async def test_registration_serves_each_method_through_the_layer(
         f"/{rpc.SERVICE}/ListPromptVersions",
         request_serializer=pb.ListPromptVersionsRequest.SerializeToString,
         response_deserializer=pb.ListPromptVersionsResponse.FromString,
-    )(pb.ListPromptVersionsRequest(), timeout=10)
+    )(pb.ListPromptVersionsRequest(), metadata=((rpc.REQUEST_ID_KEY, "registered-1"),), timeout=10)
     reply = await call
     assert reply.default_version
     trailers = dict(await call.trailing_metadata())
-    assert trailers.get(rpc.REQUEST_ID_KEY)
+    assert trailers.get(rpc.REQUEST_ID_KEY) == "registered-1"
 
 
 @pytest.mark.parametrize(("length", "refused"), [(128, False), (129, True), (4000, True)])

@@ -57,7 +57,11 @@ async def test_reflection_lists_the_service_and_its_four_methods(
     assert methods == {"Score", "Generate", "GenerateStream", "ListPromptVersions"}
 
 
-async def test_request_id_is_echoed_or_generated(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
+async def test_request_id_is_echoed_or_generated(
+    stub: pb_grpc.InferenceServiceAsyncStub, app: server.App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every OK call logged: a generated id comes back whenever a line carries it.
+    monkeypatch.setattr(app.gate, "access_sample", 1.0)
     call = stub.ListPromptVersions(
         pb.ListPromptVersionsRequest(), metadata=(("x-request-id", "req-123"),)
     )
