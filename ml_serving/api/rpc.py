@@ -12,9 +12,9 @@ import itertools
 import logging
 import os
 import time
-from random import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from random import random
 from typing import Any, Concatenate, Final, ParamSpec, Protocol, TypeVar
 
 import grpc

@@ -9,6 +9,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from ml_serving.observability import tracing
@@ -58,3 +59,28 @@ def test_tracing_is_off_unless_configured() -> None:
     assert tracing.configure("none", None, "ml-serving") is False
     assert tracing.enabled is False
     assert tracing.rpc_span("/s/m", ()) is None
+
+
+async def test_a_call_whose_trace_is_not_sampled_records_no_span(
+    stub: pb_grpc.InferenceServiceAsyncStub, spans: InMemorySpanExporter
+) -> None:
+    """The caller's traceparent says "not sampled" (flags 00): neither the server span nor its
+    children (score.model, llm.call) are made; a sampled call beside it still gets all of them."""
+    unsampled = f"00-{TRACE_ID}-00f067aa0ba902b7-00"
+    await stub.Score(score_request(), metadata=(("traceparent", unsampled),))
+    await stub.Generate(generate_request(), metadata=(("traceparent", unsampled),))
+    assert spans.get_finished_spans() == ()
+    await stub.Score(score_request(), metadata=(("traceparent", PARENT),))
+    names = sorted(span.name for span in spans.get_finished_spans())
+    assert names == ["/mlserving.v1.InferenceService/Score", "score.model"]
+
+
+def test_a_trace_the_sampler_drops_gets_no_span(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new trace the sampler drops (ALWAYS_OFF here) is no span at all, and nothing current."""
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    monkeypatch.setattr(tracing, "tracer", provider.get_tracer("ml_serving"))
+    monkeypatch.setattr(tracing, "enabled", True)
+    assert tracing.rpc_span("/s/m", ()) is None
+    assert not trace.get_current_span().is_recording()
+    with tracing.child_span("child"):
+        assert not trace.get_current_span().is_recording()
