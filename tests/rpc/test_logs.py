@@ -75,12 +75,12 @@ async def test_ok_calls_of_the_fast_methods_are_sampled_the_rest_always_logged(
     await call
     assert dict(await call.trailing_metadata())[rpc.REQUEST_ID_KEY] == "sampled-out-1"
     with pytest.raises(grpc.aio.AioRpcError) as failed:
-        await stub.Score(pb.ScoreRequest(response_layout=99))
+        await stub.Score(pb.ScoreRequest(user_id="u" * 200))
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     failed_id = dict(failed.value.trailing_metadata() or ())[rpc.REQUEST_ID_KEY]
-    call = stub.Generate(generate_request())
-    await call
-    generate_id = dict(await call.trailing_metadata())[rpc.REQUEST_ID_KEY]
+    generate = stub.Generate(generate_request())
+    await generate
+    generate_id = dict(await generate.trailing_metadata())[rpc.REQUEST_ID_KEY]
     lines = access_lines(caplog)
     assert [(line["method"], line["code"], line["request_id"]) for line in lines] == [
         ("Score", "INVALID_ARGUMENT", failed_id),
