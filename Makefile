@@ -134,6 +134,7 @@ $(FEATURE_DB): $(FEATURE_DB).gz
 features: $(DEV_STAMP) ## event tables (simulator, shipped seed) -> feast apply -> materialize the online store
 	$(PY) -m ml_serving.training.feature_store --repo feature_repo --seed $(SEED)
 	gzip -9 -n -c $(FEATURE_DB) > $(FEATURE_DB).gz
+	touch $(FEATURE_DB)  # newer than its archive: `make run` does not unpack it again
 
 run: $(RUN_STAMP) $(FEATURE_DB) ## serve every RPC on the embedded defaults (runtime lock only, no Node)
 	$(PY) -m ml_serving

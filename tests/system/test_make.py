@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 from functools import cache
 
@@ -81,8 +82,9 @@ def readme_make_commands() -> list[list[str]]:
         for line in block.splitlines()
     ]
     lines += re.findall(r"`(make [^`]+)`", text)
+    # Split as the shell does: ARGS="--seed 1" is one variable assignment, not targets.
     return [
-        [word for word in line.split()[1:] if "=" not in word]
+        [word for word in shlex.split(line)[1:] if "=" not in word]
         for line in (line.strip() for line in lines)
         if line.startswith("make ")
     ]
