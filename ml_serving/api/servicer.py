@@ -22,6 +22,7 @@ from ml_serving.generation.context import TipSignals, check_id, profile_gaps, wi
 from ml_serving.generation.prompts.registry import PromptRegistry
 from ml_serving.generation.service import GenerationRequest, GenerationResult, Generator
 from ml_serving.observability import logs, tracing
+from ml_serving.scoring import features as model_features
 from ml_serving.scoring.model import (
     AlignedRequest,
     ScoreResult,
@@ -135,7 +136,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     lenient=lenient,
                 )
             defaulted = 0
-            if lookup is not None:
+            # Names are unique and known once aligned: as many as the model has means the
+            # request sent every value, all finite, so there is nothing for the store to fill.
+            sent_all = (
+                len(request.context_feature_names) == model_features.N_CONTEXT
+                and len(request.candidate_feature_names) == model_features.N_CANDIDATE
+            )
+            if lookup is not None and not sent_all:
                 # Whatever the request left out, from the store (never an error because of it).
                 done = await lookup.complete(
                     request.user_id, ids, aligned.context, aligned.candidates, model.fallback

@@ -318,6 +318,8 @@ def check_id(field: str, value: str) -> None:
     (INVALID_ARGUMENT naming `field`): an id cut short would name someone else."""
     if len(value) > MAX_ID_CHARS:
         raise InvalidArgument(field, f"too long: {len(value)} characters, at most {MAX_ID_CHARS}")
+    if value.isascii() and value.isprintable():
+        return  # printable ASCII has none of the removed categories: no per-character look
     if any(unicodedata.category(char) in _REMOVED_CATEGORIES for char in value):
         raise InvalidArgument(field, "must not contain control or invisible characters")
 

@@ -28,6 +28,7 @@ from tests.support.feature_store import (
     redis_yaml,
     small_repo,
 )
+from tests.support.requests import score_request
 from tests.support.servers import StartServer
 
 HOUR = {"local_hour_sin": 0.5, "local_hour_cos": -0.866}
@@ -218,6 +219,23 @@ async def test_a_store_that_never_answers_costs_the_budget_then_defaults(
         )
     assert all(r.defaulted_features > 0 for r in replies)
     assert app.features.errors["timeout"] == 3
+
+
+async def test_a_request_that_sends_every_value_never_waits_for_the_store(
+    start_server: StartServer, tmp_path: Path, silent_port: int
+) -> None:
+    """Every model input sent: nothing is left to fill, so the store is not asked (a store that
+    never answers costs such a call nothing, and nothing is defaulted)."""
+    hung = tmp_path / "hung"
+    hung.mkdir()
+    (hung / "feature_store.yaml").write_text(redis_yaml(f"127.0.0.1:{silent_port}"))
+    app = await start_server(feature_repo=hung, feature_budget_ms=5000.0)
+    assert app.features is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        client = pb_grpc.InferenceServiceStub(channel)
+        reply = await client.Score(score_request(), timeout=2)
+    assert len(reply.scores) == 20 and reply.defaulted_features == 0
+    assert dict(app.features.errors) == {k: 0 for k in app.features.errors}
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from ml_serving.generation.context import (
     PromptContext,
     TipSignals,
     assemble_context,
+    check_id,
     quote_user_text,
     sanitize_text,
 )
@@ -483,3 +484,22 @@ def test_any_user_text_yields_exactly_one_parseable_block(
     context = assemble_context(signals(goal=goal, note=note, interests=(interest,)))
     _, block = block_of(context.data_block())
     assert json.loads(block) == context.data_fields()
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["user-7", "a b~{}", "é-user", "ユーザー"],
+)
+def test_check_id_takes_printable_ids_ascii_or_not(value: str) -> None:
+    check_id("user_id", value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["user\x07", "tab\there", "new\nline", "zero\u200bwidth", "bidi\u202e", "nul\x00", "é\x1b"],
+)
+def test_check_id_refuses_control_and_invisible_characters(value: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        check_id("user_id", value)
+    assert caught.value.field == "user_id"
+    assert "control or invisible" in str(caught.value)
