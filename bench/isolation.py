@@ -16,8 +16,6 @@ calls/s and the server's CPU (every process of it).
 
     .venv/bin/python -m bench.isolation                     # starts upstream and servers itself
     .venv/bin/python -m bench.isolation --method GenerateStream --generate-concurrency 64
-    .venv/bin/python -m bench.isolation --generate-load-nice 10   # Generate's client and
-                                            # upstream below the server, as if on other hosts
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,10 +49,6 @@ class Plan:
     round_s: float = 6.0
     """Seconds of each phase (Score alone, Score with Generate) per round."""
     rounds: int = 3
-    generate_load_nice: int = 0
-    """Niceness of the Generate load's own processes (its client; standalone, the fake upstream
-    too): on a small machine they share the server's cores, which production's Generate callers
-    and LLM provider do not. 0 (`make bench`) leaves them as they are."""
 
 
 @dataclass
@@ -179,13 +172,8 @@ async def _generate_closed_loop(target: str, spec: CallSpec, concurrency: int, c
         return report
 
 
-def _client(
-    conn: Connection, role: str, target: str, spec: CallSpec, arg: float, nice: int = 0
-) -> None:
+def _client(conn: Connection, role: str, target: str, spec: CallSpec, arg: float) -> None:
     import uvloop
-
-    if nice:
-        os.nice(nice)  # before grpc starts its threads: they inherit it
 
     if role == "score":
         # Each command names the target (one scorer serves every topology) and the seconds.
@@ -285,7 +273,6 @@ def _phase(
                 topology.generate_target,
                 generate,
                 plan.generate_concurrency,
-                plan.generate_load_nice,
             ),
             daemon=True,
         )
@@ -394,31 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generate-concurrency", type=int, default=Plan.generate_concurrency)
     parser.add_argument("--round-s", type=float, default=Plan.round_s)
     parser.add_argument("--rounds", type=int, default=Plan.rounds)
-    parser.add_argument(
-        "--generate-load-nice",
-        type=int,
-        default=Plan.generate_load_nice,
-        help="run the Generate client and the fake upstream at this niceness (see Plan)",
-    )
     parser.add_argument("--ttft", type=float, default=0.1)
     parser.add_argument("--token-delay", type=float, default=0.01)
     parser.add_argument("--server-env", action="append", default=[], help="NAME=VALUE")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    plan = Plan(
-        args.score_rate,
-        args.method,
-        args.generate_concurrency,
-        args.round_s,
-        args.rounds,
-        args.generate_load_nice,
-    )
+    plan = Plan(args.score_rate, args.method, args.generate_concurrency, args.round_s, args.rounds)
     work = BENCH_DIR / "out"
     work.mkdir(parents=True, exist_ok=True)
     upstream, up_port = procs.start_upstream(args.ttft, args.token_delay, work / "iso-up.log", work)
-    if plan.generate_load_nice:
-        for tid in os.listdir(f"/proc/{upstream.pid}/task"):  # every thread: niceness is per thread
-            os.setpriority(os.PRIO_PROCESS, int(tid), plan.generate_load_nice)
     server = None
     try:
         config = procs.write_llm_config(work / "iso-llm.yaml", up_port)
