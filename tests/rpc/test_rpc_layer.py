@@ -58,7 +58,7 @@ def test_every_shipped_method_is_wrapped_as_its_proto_says() -> None:
 async def test_start_up_refuses_a_method_outside_the_layer(
     monkeypatch: pytest.MonkeyPatch, servicer_class: type[InferenceServicer], says: str
 ) -> None:
-    monkeypatch.setattr(server, "InferenceServicer", servicer_class)
+    monkeypatch.setattr(server, "servicer_class", lambda settings: servicer_class)
     with pytest.raises(TypeError, match=says):
         await server.start(make_settings())
 
