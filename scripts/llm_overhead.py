@@ -18,6 +18,15 @@ Workers:
     <name>       one per --baseline-llm FILE (named after the file): the gateway worker from
                  another copy of gateway.py, for before/after, e.g. the committed one:
                  `git show HEAD:ml_serving/generation/llm/gateway.py > /tmp/gateway_head.py`
+    server       with --server: the whole RPC. The worker starts `python -m ml_serving` (INFO
+                 access log, its LLM route on the fake upstream, fallback off) and calls
+                 Generate and GenerateStream over gRPC; its CPU is the server process's (all
+                 threads, /proc/<pid>/task/*/schedstat, in ns), not the worker's. Each batch
+                 also makes as many ListPromptVersions calls (the floor: a trivial RPC's gRPC
+                 and layer cost), and the report gives the whole call above that floor against
+                 the raw client, per unary call and per streamed chunk (the upstream's chunks,
+                 as the raw client counts them). --server-checkout DIR (repeatable) adds one
+                 such worker per other checkout (before/after; `git worktree add DIR <commit>`).
 
 Each worker makes --warmup calls of each kind first. Then, per round, each worker in turn
 (the order rotates every round) makes --calls unary calls and --streams streamed calls while
@@ -73,9 +82,11 @@ MESSAGES = (
 MAX_TOKENS = 64
 MARGIN_S = 0.05
 """Kept back from the deadline, as ML_SERVING_LLM_TIMEOUT_MARGIN_S does."""
-KINDS = ("raw", "raw_httpx", "acompletion", "gateway", "gateway_httpx", "baseline")
+KINDS = ("raw", "raw_httpx", "acompletion", "gateway", "gateway_httpx", "baseline", "server")
 TARGETS = {"unary_cpu_ms": 1.5, "unary_ratio": 3.0, "chunk_cpu_ms": 0.25, "chunk_ratio": 3.0}
 """Issue 14's targets for the gateway: absolute CPU and ratio to the raw aiohttp client."""
+SERVER_TARGETS = {"unary_ratio": 3.0, "chunk_ratio": 3.0}
+"""Issue 26's targets for the whole RPC: server CPU above a trivial RPC's, over the raw client's."""
 
 
 # --- the fake upstream (its own process) ---------------------------------------------------------
@@ -278,6 +289,80 @@ def _gateway_calls(
     return unary, stream
 
 
+def _server_cpu_s(pid: int) -> float:
+    """CPU seconds of every thread of process ``pid`` so far (schedstat: nanoseconds, not the
+    10 ms ticks of /proc/<pid>/stat, which would round a batch of 1 ms calls by 10%)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that just ended
+    return total / 1e9
+
+
+def _server_calls(
+    base: str, model: str, checkout: Path
+) -> tuple[Call, Call, Call, Callable[[], float], Callable[[], None]]:
+    """Generate, GenerateStream and ListPromptVersions on a server from ``checkout``, its CPU
+    clock, and what stops it."""
+    import grpc
+    import yaml
+
+    from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
+    from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
+    from tests.support.requests import generate_request, generate_stream_request
+    from tests.support.server_process import ServerProcess
+
+    config = Path(tempfile.mkdtemp(prefix="llm_overhead_server_")) / "llm.yaml"
+    route = {"model": model, "api_base": base, "api_key": "os.environ/LLM_OVERHEAD_KEY"}
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_list": [{"model_name": "bench", "litellm_params": route}],
+                "router_settings": {"num_retries": 0, "disable_cooldowns": True},
+            }
+        )
+    )
+    server = ServerProcess(
+        cwd=checkout,
+        ML_SERVING_LOG_LEVEL="INFO",
+        ML_SERVING_LLM_CONFIG=str(config),
+        ML_SERVING_LLM_FALLBACK="false",
+        LLM_OVERHEAD_KEY=API_KEY,
+    )
+    server.wait_ready()
+    channel = grpc.aio.insecure_channel(server.address)
+    stub: Any = pb_grpc.InferenceServiceStub(channel)
+    unary_request = generate_request()
+    unary_request.limits.max_tokens = MAX_TOKENS
+    stream_request = generate_stream_request()
+    stream_request.limits.max_tokens = MAX_TOKENS
+    floor_request = pb.ListPromptVersionsRequest()
+
+    async def unary() -> int:
+        reply = await stub.Generate(unary_request, timeout=30)
+        if reply.fallback or not reply.text:
+            raise SystemExit("the server did not answer from the fake upstream")
+        return 1
+
+    async def stream() -> int:
+        messages = 0
+        async for message in stub.GenerateStream(stream_request, timeout=30):
+            messages += bool(message.text_delta)
+        return messages
+
+    async def floor() -> int:
+        await stub.ListPromptVersions(floor_request, timeout=30)
+        return 1
+
+    def stop() -> None:
+        server.stop()
+
+    return unary, stream, floor, lambda: _server_cpu_s(server.pid), stop
+
+
 class _CallCounter:
     """Python function calls in every thread (a noise-free complement to CPU time): installed
     before any thread starts, counting only while on. It slows everything it watches, so only
@@ -299,6 +384,10 @@ class _CallCounter:
 _counter: _CallCounter | None = None
 
 
+_clock: Callable[[], float] = time.process_time
+"""Whose CPU a batch measures: this worker's, or the server's (the server worker)."""
+
+
 async def _batch(call: Call, n: int) -> dict[str, float]:
     """n calls one after another: CPU per call (incl. background work they leave), wall p50."""
     gc.collect()
@@ -307,13 +396,13 @@ async def _batch(call: Call, n: int) -> dict[str, float]:
     deltas = 0
     if _counter is not None:
         _counter.calls, _counter.on = 0, True
-    cpu0 = time.process_time()
+    cpu0 = _clock()
     for _ in range(n):
         t0 = time.perf_counter()
         deltas += await call()
         walls.append(time.perf_counter() - t0)
     await _settle()
-    cpu = time.process_time() - cpu0
+    cpu = _clock() - cpu0
     result = {
         "cpu_ms": 1e3 * cpu / n,
         "wall_p50_ms": 1e3 * statistics.median(walls),
@@ -352,10 +441,16 @@ async def _worker(
     model: str,
     upstream: str,
     coalesce_s: float,
+    checkout: Path,
 ) -> None:
     origin = f"http://127.0.0.1:{port}"
     base = origin if upstream == "anthropic" else f"{origin}/v1"
-    if kind == "raw":
+    floor: Call | None = None
+    stop: Callable[[], None] | None = None
+    if kind == "server":
+        global _clock
+        unary, stream, floor, _clock, stop = _server_calls(base, model, checkout)
+    elif kind == "raw":
         unary, stream = _raw_calls(origin, upstream)
     elif kind == "raw_httpx":
         unary, stream = _raw_httpx_calls(origin, upstream)
@@ -368,15 +463,24 @@ async def _worker(
     for _ in range(warmup):
         await unary()
         await stream()
+        if floor is not None:
+            await floor()
     await asyncio.sleep(0.3)
     global _idle_tasks
     _idle_tasks = _other_tasks()
     print("READY", flush=True)
     loop = asyncio.get_running_loop()
-    while line := (await loop.run_in_executor(None, sys.stdin.readline)).strip():
-        mode, n = line.split()
-        result = await _batch(unary if mode == "unary" else stream, int(n))
-        print(json.dumps(result), flush=True)
+    try:
+        while line := (await loop.run_in_executor(None, sys.stdin.readline)).strip():
+            mode, n = line.split()
+            result = await _batch(unary if mode == "unary" else stream, int(n))
+            if floor is not None:
+                # The same number of trivial calls right after: this round's floor.
+                result["floor_cpu_ms"] = (await _batch(floor, int(n)))["cpu_ms"]
+            print(json.dumps(result), flush=True)
+    finally:
+        if stop is not None:
+            stop()
 
 
 # --- the orchestrator ----------------------------------------------------------------------------
@@ -418,11 +522,20 @@ def _spawn(args: Sequence[str], log: IO[str]) -> subprocess.Popen[str]:
 
 
 def _start_worker(
-    name: str, port: int, opts: argparse.Namespace, llm: Path | None, *, count: bool = False
+    name: str,
+    port: int,
+    opts: argparse.Namespace,
+    llm: Path | None,
+    *,
+    count: bool = False,
+    checkout: Path = ROOT,
 ) -> Worker:
     log = tempfile.NamedTemporaryFile("w+", prefix="llm_overhead_worker_", suffix=".log")
     kind = name if llm is None else "baseline"
+    if name.startswith("server"):
+        kind = "server"
     args = ["--worker", kind, "--port", str(port), "--warmup", str(opts.warmup)]
+    args += ["--checkout", str(checkout)]
     args += ["--deadline-s", str(opts.deadline_s), "--model", opts.model]
     args += ["--upstream", opts.upstream, "--coalesce-s", str(opts.coalesce_s)]
     args += ["--count-calls"] if count else []
@@ -455,6 +568,9 @@ def _summary(workers: Sequence[Worker]) -> dict[str, dict[str, float]]:
     bare = next(w for w in workers if w.kind == "acompletion").results
     for w in workers:
         unary, stream = w.results["unary"], w.results["stream"]
+        if "floor_cpu_ms" in unary[0]:
+            out[w.kind] = _server_summary(unary, stream, raw)
+            continue
         tokens = _median(stream, "deltas")
         out[w.kind] = {
             "unary_cpu_ms": _median(unary, "cpu_ms"),
@@ -473,6 +589,50 @@ def _summary(workers: Sequence[Worker]) -> dict[str, dict[str, float]]:
             "token_cpu_over_acompletion_ms": _paired(stream, bare["stream"], "cpu_ms", tokens),
         }
     return out
+
+
+def _server_summary(
+    unary: list[dict[str, float]],
+    stream: list[dict[str, float]],
+    raw: Mapping[str, list[dict[str, float]]],
+) -> dict[str, float]:
+    """The whole RPC above the round's trivial RPC, against the raw client's same round."""
+    tokens = _median(raw["stream"], "deltas")  # the upstream's chunks per stream
+
+    def above(rows: list[dict[str, float]]) -> list[dict[str, float]]:
+        return [{"cpu_ms": row["cpu_ms"] - row["floor_cpu_ms"]} for row in rows]
+
+    return {
+        "unary_cpu_ms": _median(unary, "cpu_ms"),
+        "floor_cpu_ms": _median(unary, "floor_cpu_ms"),
+        "unary_above_floor_ms": _median(above(unary), "cpu_ms"),
+        "stream_cpu_ms": _median(stream, "cpu_ms"),
+        "stream_above_floor_ms": _median(above(stream), "cpu_ms"),
+        "chunk_above_floor_ms": _median(above(stream), "cpu_ms") / tokens,
+        "messages_per_stream": _median(stream, "deltas"),
+        "unary_wall_p50_ms": _median(unary, "wall_p50_ms"),
+        "unary_ratio_to_raw": _ratio(above(unary), raw["unary"], "cpu_ms"),
+        "chunk_ratio_to_raw": _ratio(above(stream), raw["stream"], "cpu_ms"),
+    }
+
+
+def _print_servers(summary: Mapping[str, Mapping[str, float]]) -> None:
+    raw = summary["raw"]
+    print(
+        f"\nthe whole RPC (server CPU, all threads) above ListPromptVersions, against raw "
+        f"({raw['unary_cpu_ms']:.3f} ms per call, {raw['cpu_ms_per_token']:.4f} ms per chunk):"
+    )
+    for name, row in summary.items():
+        if "floor_cpu_ms" not in row:
+            continue
+        print(
+            f"{name}: Generate {row['unary_cpu_ms']:.3f} ms, floor {row['floor_cpu_ms']:.3f}, "
+            f"above {row['unary_above_floor_ms']:.3f} ({row['unary_ratio_to_raw']:.2f}x raw, "
+            f"target <= {SERVER_TARGETS['unary_ratio']}x); GenerateStream "
+            f"{row['stream_cpu_ms']:.3f} ms ({row['messages_per_stream']:.0f} messages), per "
+            f"chunk above the floor {row['chunk_above_floor_ms']:.4f} "
+            f"({row['chunk_ratio_to_raw']:.2f}x raw, target <= {SERVER_TARGETS['chunk_ratio']}x)"
+        )
 
 
 def _print(summary: Mapping[str, Mapping[str, float]], opts: argparse.Namespace) -> None:
@@ -494,10 +654,12 @@ def _print(summary: Mapping[str, Mapping[str, float]], opts: argparse.Namespace)
     )
     print(f"{'worker':12s}" + "".join(f"{name:>{width}s}" for name, _, width in cols))
     for kind, row in summary.items():
+        if "floor_cpu_ms" in row:
+            continue  # the server rows: _print_servers
         print(f"{kind:12s}" + "".join(f"{row[key]:>{width}.2f}" for _, key, width in cols))
     print()
     for name, row in summary.items():
-        if name not in ("raw", "raw_httpx", "acompletion"):
+        if name not in ("raw", "raw_httpx", "acompletion") and "floor_cpu_ms" not in row:
             print(
                 f"{name} - bare litellm.acompletion: {row['unary_cpu_over_acompletion_ms']:+.2f} "
                 f"ms CPU per unary call, {row['token_cpu_over_acompletion_ms']:+.3f} per token"
@@ -505,6 +667,8 @@ def _print(summary: Mapping[str, Mapping[str, float]], opts: argparse.Namespace)
     for name in ("gateway", "gateway_httpx"):
         if name in summary:
             print(f"{name} against issue 14's targets: " + "; ".join(_verdicts(summary[name])))
+    if any("floor_cpu_ms" in row for row in summary.values()):
+        _print_servers(summary)
 
 
 def _verdicts(row: Mapping[str, float]) -> list[str]:
@@ -571,6 +735,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--count-calls", action="store_true",
         help="also count Python calls per call (noise-free; extra workers after the rounds)",
     )  # fmt: skip
+    parser.add_argument(
+        "--server", action="store_true",
+        help="also measure the whole RPC on a server from this checkout (see the docstring)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--server-checkout", type=Path, action="append", default=[],
+        help="with --server: another checkout's server too, named server_<dir> (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the summary and every round here")
     # Internal: the processes this script starts.
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
@@ -578,6 +750,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--llm-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--token-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--checkout", type=Path, default=ROOT, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     opts.model = opts.model or (ANTHROPIC_MODEL if opts.upstream == "anthropic" else MODEL)
 
@@ -592,7 +765,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         asyncio.run(
             _worker(
                 opts.worker, opts.port, opts.warmup, opts.llm_file, opts.deadline_s, opts.model,
-                opts.upstream, opts.coalesce_s,
+                opts.upstream, opts.coalesce_s, opts.checkout,
             )
         )  # fmt: skip
         return
@@ -613,6 +786,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit("--baseline-llm files need distinct names, other than the workers'")
         print(f"fake upstream on 127.0.0.1:{port}; starting workers: {', '.join(named)}")
         workers = [_start_worker(name, port, opts, llm) for name, llm in named.items()]
+        if opts.server:
+            servers = {"server": ROOT.resolve()}
+            servers.update(
+                {f"server_{p.resolve().name}": p.resolve() for p in opts.server_checkout}
+            )
+            for name, checkout in servers.items():
+                workers.append(_start_worker(name, port, opts, None, checkout=checkout))
+                workers[-1].kind = name
         for r in range(opts.rounds):
             order = workers[r % len(workers) :] + workers[: r % len(workers)]
             for w in order:
