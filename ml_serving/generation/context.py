@@ -216,6 +216,21 @@ def quote_user_text(text: str) -> str:
     the closing delimiter, start a line of its own, nor hide characters from a reviewer.
     """
     encoded = json.dumps(text, ensure_ascii=False)
+    if encoded.isascii() and encoded.isprintable():
+        # The common case, in C: printable ASCII holds none of the escaped categories, and of
+        # the look-alikes only the angle brackets themselves (what the loop below writes).
+        if "<" in encoded or ">" in encoded:
+            encoded = encoded.replace("<", _LT).replace(">", _GT)
+        return encoded
+    return _quote_each(encoded)
+
+
+_LT: Final = "\\u003c"
+_GT: Final = "\\u003e"
+
+
+def _quote_each(encoded: str) -> str:
+    """quote_user_text's escaping, character by character (any text)."""
     out: list[str] = []
     for char in encoded:
         if char in _DELIMITER_LOOKALIKES or unicodedata.category(char) in _ESCAPED_CATEGORIES:
@@ -234,6 +249,20 @@ def sanitize_text(text: str, max_chars: int) -> tuple[str, bool]:
     removed; the result is trimmed and capped at ``max_chars``, ending in "…" when cut.
     """
     raw = text[: max_chars * _RAW_SLACK]
+    if raw.isascii() and raw.isprintable():
+        # The common case, in C: NFKC leaves ASCII as it is and printable ASCII has nothing to
+        # remove, so only the whitespace runs are left to fold (what _clean_each gives too).
+        cleaned = " ".join(raw.split())
+    else:
+        cleaned = _clean_each(raw)
+    cut = len(raw) < len(text)
+    if len(cleaned) > max_chars:
+        return _truncate(cleaned, max_chars), True
+    return cleaned, cut
+
+
+def _clean_each(raw: str) -> str:
+    """sanitize_text's cleaning, character by character (any text), before the cap."""
     folded = unicodedata.normalize("NFKC", raw)
     kept: list[str] = []
     for char in folded:
@@ -242,11 +271,7 @@ def sanitize_text(text: str, max_chars: int) -> tuple[str, bool]:
             kept.append(" ")
         elif unicodedata.category(char) not in _REMOVED_CATEGORIES:
             kept.append(char)
-    cleaned = " ".join("".join(kept).split())
-    cut = len(raw) < len(text)
-    if len(cleaned) > max_chars:
-        return _truncate(cleaned, max_chars), True
-    return cleaned, cut
+    return " ".join("".join(kept).split())
 
 
 def assemble_context(signals: TipSignals) -> PromptContext:

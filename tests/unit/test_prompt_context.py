@@ -503,3 +503,24 @@ def test_check_id_refuses_control_and_invisible_characters(value: str) -> None:
         check_id("user_id", value)
     assert caught.value.field == "user_id"
     assert "control or invisible" in str(caught.value)
+
+
+_ASCII_HEAVY = st.text(
+    alphabet=st.one_of(
+        st.characters(min_codepoint=0, max_codepoint=0x7F),
+        st.sampled_from("<>\u2039\u00a0\u200b\u2028\uff1c\u00e9"),
+    ),
+    max_size=80,
+)
+"""Mostly ASCII (printable or not), with a few characters each path must treat specially: both
+sides of the ASCII fast paths are drawn."""
+
+
+@given(_ASCII_HEAVY)
+def test_the_ascii_fast_paths_answer_as_the_per_character_ones(text: str) -> None:
+    """sanitize_text and quote_user_text take printable ASCII in C: the same answer as the
+    per-character loops that every other text goes through."""
+    from ml_serving.generation import context
+
+    assert sanitize_text(text, 200) == (context._clean_each(text), False)  # no cap reached
+    assert quote_user_text(text) == context._quote_each(json.dumps(text, ensure_ascii=False))
