@@ -616,6 +616,30 @@ def _server_summary(
     }
 
 
+def _server_pairs(workers: Sequence[Worker]) -> dict[str, dict[str, float]]:
+    """Each other server against this checkout's, round by round (both ran in every round):
+    the median of the paired differences above the floor, this one minus the other."""
+    servers = [w for w in workers if "floor_cpu_ms" in w.results["unary"][0]]
+    ours = next((w for w in servers if w.kind == "server"), None)
+    pairs: dict[str, dict[str, float]] = {}
+    for other in servers:
+        if ours is None or other is ours:
+            continue
+        pair = {}
+        for mode in ("unary", "stream"):
+            pair[f"{mode}_above_floor_ms"] = statistics.median(
+                (a["cpu_ms"] - a["floor_cpu_ms"]) - (b["cpu_ms"] - b["floor_cpu_ms"])
+                for a, b in zip(ours.results[mode], other.results[mode], strict=True)
+            )
+        pairs[other.kind] = pair
+        print(
+            f"server - {other.kind}, paired by round, above the floor: Generate "
+            f"{pair['unary_above_floor_ms']:+.3f} ms, GenerateStream "
+            f"{pair['stream_above_floor_ms']:+.3f} ms a stream"
+        )
+    return pairs
+
+
 def _print_servers(summary: Mapping[str, Mapping[str, float]]) -> None:
     raw = summary["raw"]
     print(
@@ -803,10 +827,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"round {r + 1}/{opts.rounds}: unary CPU ms/call {done}", flush=True)
         summary = _summary(workers)
         _print(summary, opts)
+        pairs = _server_pairs(workers)
         counts = _count_calls(port, opts, named) if opts.count_calls else {}
         if opts.json:
             rounds = {w.kind: w.results for w in workers}
-            report = {"summary": summary, "rounds": rounds, "python_calls": counts}
+            report = {
+                "summary": summary,
+                "server_pairs": pairs,
+                "rounds": rounds,
+                "python_calls": counts,
+            }
             opts.json.write_text(json.dumps(report, indent=2))
     finally:
         for w in workers:
