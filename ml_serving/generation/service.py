@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -130,7 +131,7 @@ class Generator:
                     max_tokens=max_tokens,
                     temperature=request.temperature,
                     timeout_s=timeout_s,
-                    offline_text=compose_offline_tip(template, context),
+                    offline_text=functools.partial(compose_offline_tip, template, context),
                     max_chars=max_tokens * MAX_CHARS_PER_TOKEN,
                 )
                 call.done(completion)
@@ -173,7 +174,7 @@ class Generator:
             max_tokens=max_tokens,
             temperature=request.temperature,
             timeout_s=timeout_s,
-            offline_text=compose_offline_tip(template, context),
+            offline_text=functools.partial(compose_offline_tip, template, context),
             max_chars=room,
         )
         try:
@@ -260,7 +261,7 @@ class Generator:
             max_tokens=primary.max_tokens,
             temperature=temperature,
             timeout_s=None,
-            offline_text=compose_offline_tip(template, primary.context),
+            offline_text=functools.partial(compose_offline_tip, template, primary.context),
             max_chars=primary.max_tokens * MAX_CHARS_PER_TOKEN,
         )
         return GenerationResult(

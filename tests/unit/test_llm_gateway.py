@@ -360,6 +360,32 @@ async def test_the_offline_route_needs_no_network() -> None:
     )
 
 
+async def test_the_offline_text_is_made_only_for_the_route_that_answers_with_it(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    """Passed unmade (a callable), the offline route's answer is made by the offline route's
+    call alone: a call on the provider path never makes it."""
+    llm = llm_module()
+    made_for: list[str] = []
+
+    def offline_text() -> str:
+        made_for.append("call")
+        return "Rest well."
+
+    provider = gateway(tmp_path, fake, ["ok"], "ok")
+    assert provider.path_of("ok") == ["provider"]
+    reply = await provider.complete(
+        MESSAGES, max_tokens=16, temperature=None, timeout_s=10, offline_text=offline_text
+    )
+    assert reply.text and made_for == []
+    offline = made(llm.LLMGateway(llm.offline_routes()))
+    await offline.warm_up()
+    reply = await offline.complete(
+        MESSAGES, max_tokens=16, temperature=None, timeout_s=10, offline_text=offline_text
+    )
+    assert reply.text == "Rest well." and made_for == ["call"]
+
+
 async def test_an_abandoned_stream_closes_its_upstream_request_at_once(
     tmp_path: Path, fake: FakeOpenAI
 ) -> None:

@@ -264,7 +264,7 @@ class LLMGateway:
         max_tokens: int,
         temperature: float | None,
         timeout_s: float | None,
-        offline_text: str,
+        offline_text: OfflineText,
         max_chars: int | None = None,
     ) -> Completion:
         """One non-streaming generation; upstream failures become errors.ServingError. An
@@ -293,7 +293,7 @@ class LLMGateway:
         max_tokens: int,
         temperature: float | None,
         timeout_s: float | None,
-        offline_text: str,
+        offline_text: OfflineText,
         max_chars: int | None = None,
     ) -> AsyncGenerator[str | Completion, None]:
         """Yield text deltas, then one Completion with the totals (empty text).
@@ -498,6 +498,11 @@ class LLMGateway:
         return _Stream(chunks, first, response.close, route)
 
 
+OfflineText = str | Callable[[], str]
+"""The offline route's answer for a call, or what makes it: only a call on LiteLLM's own path
+(the offline route among them) reads it, so a caller may pass it unmade."""
+
+
 class _Call:
     """One call's arguments, in the two forms the two paths take."""
 
@@ -508,7 +513,7 @@ class _Call:
         messages: Sequence[Mapping[str, str]],
         max_tokens: int,
         temperature: float | None,
-        offline_text: str,
+        offline_text: OfflineText,
         max_chars: int | None,
     ) -> None:
         self.messages = messages
@@ -518,10 +523,13 @@ class _Call:
         self.offline_text = offline_text
 
     def acompletion_args(self) -> dict[str, Any]:
+        offline_text = self.offline_text
+        if callable(offline_text):
+            offline_text = offline_text()  # only this path (the offline route's) reads it
         args: dict[str, Any] = {
             "messages": [dict(m) for m in self.messages],
             "max_tokens": self.max_tokens,
-            "metadata": {METADATA_KEY: self.offline_text},
+            "metadata": {METADATA_KEY: offline_text},
         }
         if self.temperature is not None:
             args["temperature"] = self.temperature
