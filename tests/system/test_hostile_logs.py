@@ -125,9 +125,13 @@ def _log_lines(proc: ServerProcess) -> list[str]:
 
 @pytest.fixture
 def guarded() -> Iterator[ServerProcess]:
-    """A server at DEBUG that requires TOKEN, with ENV_SECRET in its environment."""
+    """A server at DEBUG that requires TOKEN, with ENV_SECRET in its environment, logging every
+    call (the OK calls that carry the token as their request id must write their lines)."""
     yield from _started(
-        ML_SERVING_AUTH_TOKEN=TOKEN, ML_SERVING_LOG_LEVEL="DEBUG", PAYMENTS_SECRET=ENV_SECRET
+        ML_SERVING_AUTH_TOKEN=TOKEN,
+        ML_SERVING_LOG_LEVEL="DEBUG",
+        ML_SERVING_ACCESS_LOG_SAMPLE="1",
+        PAYMENTS_SECRET=ENV_SECRET,
     )
 
 
