@@ -149,6 +149,10 @@ class SqliteStore:
 # --- Redis: a pipelined RESP2 connection on the event loop ---------------------------------
 
 
+_MAX_PENDING = 1024
+"""Commands awaiting an answer on one connection past which it is given up as hung."""
+
+
 def _command(*args: bytes) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
@@ -175,7 +179,14 @@ class _RespProtocol(asyncio.Protocol):
     def send(self, payload: bytes) -> asyncio.Future[object]:
         """Queue one command; the commands of one loop turn leave in one write (one syscall
         for all the lookups of the Score calls that turn handled)."""
+        if len(self.pending) >= _MAX_PENDING:
+            # A server that stopped answering (its TCP still open): drop the connection so the
+            # queue of unanswered commands stays bounded; the next lookup reconnects.
+            self._fail(StoreError("unavailable", "Redis stopped answering (queue full)"))
         future: asyncio.Future[object] = self.loop.create_future()
+        if self.transport is None or self.transport.is_closing():
+            future.set_exception(StoreError("unavailable", "Redis connection closed"))
+            return future
         self.pending.append(future)
         if not self._outgoing:
             self.loop.call_soon(self._flush)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from ml_serving._proto.mlserving.v1 import generation_pb2, scoring_pb2
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
 from ml_serving.api import server
+from ml_serving.features.repo import RedisAddress
+from ml_serving.features.stores import RedisStore, StoreError
 from ml_serving.scoring import features
 from tests.support.feature_store import (
     RedisServer,
@@ -280,3 +283,19 @@ async def test_stopping_redis_under_score_load_fails_no_call(
     assert defaulted[-1] > 0, "after the kill every stored value was defaulted"
     assert app.features.errors["unavailable"] >= 1
     assert not any(math.isnan(d) for d in defaulted)
+
+
+async def test_a_hung_redis_connection_is_dropped_before_its_queue_grows_unbounded(
+    silent_port: int,
+) -> None:
+    store = RedisStore("tips", RedisAddress("127.0.0.1", silent_port))
+    await store.connect()
+    causes: Counter[str] = Counter()
+    for i in range(1100):  # each times out at once; their commands stay unanswered
+        try:
+            await store.read("user_features", "user_id", f"user-{i}", ("tenure_days",), 0.0001)
+        except StoreError as exc:
+            causes[exc.cause] += 1
+    await store.close()
+    assert causes["timeout"] >= 1000
+    assert causes["unavailable"] >= 1  # the connection given up at 1,024 pending, then reopened
