@@ -25,6 +25,8 @@ VERSION ?=
 SEED ?= 20240611
 PROTO_SRC := $(wildcard protos/mlserving/v1/*.proto)
 PROTO_OUT := ml_serving/_proto
+# The embedded online feature store, unpacked from its shipped archive (see its rule below).
+FEATURE_DB := feature_repo/data/online_store.db
 
 .PHONY: help install system-deps install-runtime proto proto-ts check-gen lint breaking test test-py test-ts \
 	run features train promote models pipeline lock bench bench-check bench-smoke stress soak docker ci clean
@@ -127,7 +129,6 @@ test-ts: $(DEV_STAMP) $(TS_STAMP) ## tsc --strict and node --test against a real
 
 # The embedded online feature store ships compressed (2 MB instead of 16); `make run` and the
 # tests unpack it. `make features` rewrites it from the simulator's event tables through Feast.
-FEATURE_DB := feature_repo/data/online_store.db
 $(FEATURE_DB): $(FEATURE_DB).gz
 	gunzip -c $< > $@.tmp && mv $@.tmp $@
 
