@@ -142,9 +142,15 @@ async def test_prometheus_scrapes_the_server_and_the_fallback_alert_goes_up(
         )
         assert score_ok and float(score_ok[0]["value"][1]) > 0
         # The latency SLO's recording rule has a value: Score calls here are far under 50 ms.
-        misses = await asyncio.to_thread(
-            _query, base, "mlserving:score_latency_slo_misses:ratio_rate5m"
-        )
+        # Polled (bounded): the rule is evaluated each second once two scrapes hold Score calls.
+        misses: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 20
+        while not misses and time.monotonic() < deadline:
+            misses = await asyncio.to_thread(
+                _query, base, "mlserving:score_latency_slo_misses:ratio_rate5m"
+            )
+            if not misses:
+                await asyncio.sleep(0.5)
         assert misses and float(misses[0]["value"][1]) < 0.5
         # Every shipped rule was evaluated without an error.
         groups = (await asyncio.to_thread(_get, f"{base}/api/v1/rules"))["data"]["groups"]
