@@ -62,6 +62,7 @@ const fake: InferenceServiceServer = {
         modelVersion: "1",
         candidateIds: [],
         candidateScores: [],
+        defaultedFeatures: 0,
       });
     if (scoreDelayMs > 0) setTimeout(answer, scoreDelayMs);
     else answer();
