@@ -47,6 +47,15 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+io_task: Final = task(
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,
+)
+"""A task that does I/O: retried on transient failures only, never served from a cache."""
+
+
 def _reports(reports_dir: str | None, name: str) -> Path:
     folder = Path(reports_dir) if reports_dir else REPORTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -64,12 +73,7 @@ def _publish(key: str, markdown: str, reports_dir: str | None, description: str)
 # --- rewards -------------------------------------------------------------------------------------
 
 
-@task(
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=transient,
-    cache_policy=NO_CACHE,
-)
+@io_task
 def snapshot_rewards(
     decision_logs: list[str],
     rewards_source: str,
@@ -123,12 +127,7 @@ def rewards_flow(
 # --- train ---------------------------------------------------------------------------------------
 
 
-@task(
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=transient,
-    cache_policy=NO_CACHE,
-)
+@io_task
 def train_and_register(
     model_root: str,
     name: str,
@@ -202,12 +201,7 @@ def train_flow(
 # --- promote -------------------------------------------------------------------------------------
 
 
-@task(
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=transient,
-    cache_policy=NO_CACHE,
-)
+@io_task
 def judge_challenger(
     registry: gate.GateRegistry,
     name: str,
@@ -231,12 +225,7 @@ def judge_challenger(
     )
 
 
-@task(
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=transient,
-    cache_policy=NO_CACHE,
-)
+@io_task
 def promote_if_passed(registry: gate.GateRegistry, result: gate.GateResult) -> gate.GateResult:
     """Promote when every check passed or a person overrode (``gate.promote_if_passed``)."""
     return gate.promote_if_passed(registry, result)
@@ -300,12 +289,7 @@ def promote_flow(
 # --- features ------------------------------------------------------------------------------------
 
 
-@task(
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=transient,
-    cache_policy=NO_CACHE,
-)
+@io_task
 def refresh_features(
     repo_path: str | None, seed: int | None, n_users: int | None
 ) -> materialize.FeaturesRun:
