@@ -9,7 +9,8 @@ Generate running, for each topology in turn:
 
 - **single**: one `python -m ml_serving` process serves both (Generate on the same port);
 - **split**: the same command with ML_SERVING_GENERATE_PORT: Score on the main port's process,
-  Generate on the Generate port's, which runs at a lower CPU priority (ML_SERVING_GENERATE_NICE).
+  Generate on the Generate port's, which runs at a lower CPU priority (ML_SERVING_GENERATE_NICE,
+  SCHED_IDLE).
 
 The report gives, per topology, both p99s (over all rounds) and their ratio, with Generate's
 calls/s and the server's CPU (every process of it).
@@ -202,7 +203,7 @@ class Topology:
 TOPOLOGIES: dict[str, str] = {
     "single": "one process serves Score and Generate (one port)",
     "split": "Score on the main port's process, Generate on the Generate port's "
-    "(ML_SERVING_GENERATE_PORT, nice +10)",
+    "(ML_SERVING_GENERATE_PORT, nice +10, SCHED_IDLE)",
 }
 
 

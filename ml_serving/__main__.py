@@ -124,17 +124,20 @@ def main() -> int:
         print(f"ml-serving: invalid configuration:\n{exc}", file=sys.stderr)
         return workers.CONFIG_ERROR_EXIT
     supervise = settings.workers > 1 or bool(settings.generate_port)
-    niceness = None
+    lowered: tuple[int, bool] | None = None
     if settings.generate_only and not supervise:
         # Before logs.configure starts its writer thread: threads inherit their creator's
         # priority, and every thread of a Generate-port process must run below Score's. (A
         # supervisor of Generate-only workers stays as it is: each worker lowers its own.)
-        niceness = workers.lower_priority(settings.generate_nice)
+        lowered = workers.lower_priority(settings.generate_nice, idle=settings.generate_sched_idle)
     logs.configure(settings.log_level, settings.log_json, secrets=_secrets(settings))
     if supervise:
         return workers.Supervisor(settings).run()
-    if niceness is not None:
-        logger.info("serving Generate and GenerateStream only", extra={"nice": niceness})
+    if lowered is not None:
+        logger.info(
+            "serving Generate and GenerateStream only",
+            extra={"nice": lowered[0], "sched_idle": lowered[1]},
+        )
     tracing.configure(
         settings.otel_traces_exporter,
         settings.otel_exporter_otlp_endpoint,

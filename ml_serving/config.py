@@ -58,9 +58,10 @@ class Settings(BaseSettings):
     supervisor when workers > 1; set it yourself only to run workers under another supervisor."""
     generate_port: int = Field(default=0, ge=0, le=65535)
     """A second gRPC port for Generate and GenerateStream, served by their own processes at a
-    lower CPU priority (generate_nice), so that an LLM relay never runs beside Score; the main
-    port keeps serving every method. Non-zero makes `python -m ml_serving` a supervisor of
-    `workers` processes on the main port and `generate_workers` on this one. 0 = off."""
+    lower CPU priority (generate_nice, generate_sched_idle), so that an LLM relay never runs
+    beside Score; the main port keeps serving every method. Non-zero makes `python -m
+    ml_serving` a supervisor of `workers` processes on the main port and `generate_workers` on
+    this one. 0 = off."""
     generate_workers: int = Field(default=1, ge=1, le=64)
     """Processes serving the Generate port (when generate_port is set); the first serves
     /metrics on metrics_port + workers, the next on + workers + 1, ..."""
@@ -68,6 +69,12 @@ class Settings(BaseSettings):
     """How much lower the Generate port's processes run than the main port's (nice increment,
     every thread): under CPU contention the kernel gives them about a tenth of a main process's
     share at 10, so Score's processes get the cores first."""
+    generate_sched_idle: bool = True
+    """Run the Generate port's processes under Linux's SCHED_IDLE policy (every thread), on top
+    of generate_nice: they get a core only when Score's processes leave it, and a Score thread
+    that wakes takes it at once (nice alone waits for the scheduler's tick). Under a Score load
+    that fills every core, Generate then runs only in what is left: give the pod cores for both
+    (Score at saturation is the HPA's signal to add replicas). Off: nice only."""
     generate_only: bool = False
     """Serve only Generate and GenerateStream (other InferenceService methods answer
     UNIMPLEMENTED) at generate_nice. Set by the supervisor for the Generate port's processes;

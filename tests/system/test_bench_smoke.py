@@ -272,7 +272,7 @@ def test_report_writes_json_markdown_and_plot(tmp_path: Path) -> None:
     assert "## Feature store" in markdown and "get_online_features" in markdown
     isolation = markdown.split("## Score beside saturating Generate (isolation)")[1]
     assert "| one process (one port) |" in isolation and "| 3.00 |" in isolation
-    assert "| split: Generate on `ML_SERVING_GENERATE_PORT` (nice +10) |" in isolation
+    assert "| split: Generate on `ML_SERVING_GENERATE_PORT` (nice +10, SCHED_IDLE) |" in isolation
     assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert verdicts is not None and len(verdicts) == len(check.load_thresholds())
 

@@ -102,6 +102,10 @@ def _thread_niceness(pid: int) -> set[int]:
     return {int(stat_fields(str(task / "stat"))[_NICE]) for task in tasks.iterdir()}
 
 
+def _thread_policies(pid: int) -> set[int]:
+    return {os.sched_getscheduler(int(task.name)) for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
 def _is_generate_worker(pid: int) -> bool:
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return b"ML_SERVING_GENERATE_ONLY=true" in environ
@@ -161,6 +165,10 @@ async def test_both_ports_serve_at_their_priorities_restart_in_role_and_drain_on
         base = os.getpriority(os.PRIO_PROCESS, 0)
         assert _thread_niceness(main_pid) == {base}
         assert _thread_niceness(generate_pid) == {min(19, base + 10)}
+        # ...and under SCHED_IDLE (ML_SERVING_GENERATE_SCHED_IDLE, on by default): a Score
+        # thread that wakes preempts them at once.
+        assert _thread_policies(main_pid) == {os.sched_getscheduler(0)}
+        assert _thread_policies(generate_pid) == {os.SCHED_IDLE}
 
         async with (
             grpc.aio.insecure_channel(proc.address) as main_channel,
@@ -186,6 +194,7 @@ async def test_both_ports_serve_at_their_priorities_restart_in_role_and_drain_on
         assert main_again == main_pid and generate_again != generate_pid
         await _ready(generate_port)
         assert _thread_niceness(generate_again) == {min(19, base + 10)}
+        assert _thread_policies(generate_again) == {os.SCHED_IDLE}
 
         # SIGTERM to the supervisor only (as Kubernetes sends it): both ports drain.
         upstream.delay_s = 1.5
