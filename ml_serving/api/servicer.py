@@ -14,7 +14,7 @@ from ml_serving import errors
 from ml_serving._proto.mlserving.v1 import generation_pb2, prompt_pb2, scoring_pb2
 from ml_serving._proto.mlserving.v1 import inference_service_pb2 as pb
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
-from ml_serving.api import rpc
+from ml_serving.api import packed, rpc
 from ml_serving.config import Settings
 from ml_serving.experiments.assignment import HowChosen
 from ml_serving.features.lookup import FeatureLookup
@@ -113,12 +113,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         with tracing.child_span("score.model", candidates=n):
             if columnar:
                 ids = request.candidate_ids[:]
+                context_values, candidate_values = packed.score_values(request)
                 aligned = align_columnar_request(
                     context_feature_names=request.context_feature_names,
-                    context_values=request.context_values,
+                    context_values=context_values,
                     candidate_feature_names=request.candidate_feature_names,
                     candidate_ids=ids,
-                    candidate_values=request.candidate_values,
+                    candidate_values=candidate_values,
                     max_candidates=max_candidates,
                     lenient=lenient,
                 )

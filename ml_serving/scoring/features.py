@@ -434,6 +434,92 @@ class ContextFold:
         return folded[:N_CANDIDATE], float(folded[N_CANDIDATE])
 
 
+@dataclass(frozen=True, slots=True)
+class ScoringPlan:
+    """One model's serving arithmetic with the normalisation folded into its weights: for
+    ``plan = ScoringPlan.of(normalization, coef, intercept)``, ``plan.logits(context, c)``
+    equals ``design_matrix(normalize_context(context), normalize_candidates(c)) @ coef +
+    intercept`` for raw rows (the same sums in another order: they agree to ~1e-15).
+
+    Why: a Score call is one user and ~20 candidates, so each numpy call's fixed cost, not the
+    arithmetic, is what a request pays. Clipping the z-score to [-Z_CLIP, Z_CLIP] is the same as
+    clipping the transformed value to [mean - Z_CLIP std, mean + Z_CLIP std], and for a LOG1P
+    feature the same as clipping the raw value to the expm1 of those bounds (log1p is
+    increasing; its max(x, 0) is one more lower bound): the transform, the normalisation and
+    the clip become two bounds and one log1p per group, and the affine z-scoring goes into the
+    folded weights. Per request: 5 numpy calls on the context, 6 on the candidates, where
+    transform + normalise + fold took 16.
+    """
+
+    context_low: Float64Array
+    context_high: Float64Array
+    context_log: npt.NDArray[np.bool_]
+    """Which context columns take log1p (after the bounds)."""
+    candidate_low: Float64Array
+    candidate_high: Float64Array
+    candidate_log: npt.NDArray[np.bool_]
+    matrix: Float64Array
+    """Shape (N_CONTEXT, N_CANDIDATE + 1): maps a bounded, transformed context row to the
+    candidate weights (on bounded, transformed candidate values) and the bias, last."""
+    offset: Float64Array
+    """Shape (N_CANDIDATE + 1,): added to ``context @ matrix``."""
+
+    @classmethod
+    def of(cls, norm: Normalization, coef: Float64Array, intercept: float) -> ScoringPlan:
+        """Fold ``norm`` and the design-matrix coefficients into one plan."""
+        fold = ContextFold.of(coef, intercept)
+        c_low, c_high, c_log = _bounds(_C, norm.context_mean, norm.context_std)
+        t_low, t_high, t_log = _bounds(_T, norm.candidate_mean, norm.candidate_std)
+        # Candidate side: w_j * (t_j - m_j) / s_j summed = t @ (w / s) - (m / s) @ w, so the
+        # weights scale by 1/s and the bias takes -(m/s) @ w; both are linear in the context's
+        # z-scores, hence columns of one matrix.
+        inv_s = 1.0 / norm.candidate_std
+        m_over_s = norm.candidate_mean * inv_s
+        matrix = np.empty_like(fold.matrix)
+        matrix[:, :N_CANDIDATE] = fold.matrix[:, :N_CANDIDATE] * inv_s
+        matrix[:, N_CANDIDATE] = (
+            fold.matrix[:, N_CANDIDATE] - fold.matrix[:, :N_CANDIDATE] @ m_over_s
+        )
+        offset = np.empty_like(fold.offset)
+        offset[:N_CANDIDATE] = fold.offset[:N_CANDIDATE] * inv_s
+        offset[N_CANDIDATE] = fold.offset[N_CANDIDATE] - fold.offset[:N_CANDIDATE] @ m_over_s
+        # Context side: z = (t - m) / s, so z @ matrix = t @ (matrix / s) - (m / s) @ matrix.
+        inv_sc = 1.0 / norm.context_std
+        offset -= (norm.context_mean * inv_sc) @ matrix
+        matrix *= inv_sc[:, None]
+        return cls(c_low, c_high, c_log, t_low, t_high, t_log, matrix, offset)
+
+    def logits(self, context: npt.NDArray[Any], candidates: npt.NDArray[Any]) -> Float64Array:
+        """The model's logit for each candidate row (raw values, model order, defaults filled):
+        ``context`` shape (N_CONTEXT,), ``candidates`` (n, N_CANDIDATE); float64, shape (n,)."""
+        t = context.astype(np.float64)
+        np.maximum(t, self.context_low, out=t)
+        np.minimum(t, self.context_high, out=t)
+        np.log1p(t, out=t, where=self.context_log)
+        folded = t @ self.matrix
+        folded += self.offset
+        c = candidates.astype(np.float64)
+        np.maximum(c, self.candidate_low, out=c)
+        np.minimum(c, self.candidate_high, out=c)
+        np.log1p(c, out=c, where=self.candidate_log)
+        z = c @ folded[:N_CANDIDATE]
+        z += folded[N_CANDIDATE]
+        return z
+
+
+def _bounds(
+    group: Group, mean: Float64Array, std: Float64Array
+) -> tuple[Float64Array, Float64Array, npt.NDArray[np.bool_]]:
+    """Raw-value bounds equivalent to ``transform`` then the z-score clip, and the log1p mask."""
+    low = mean - Z_CLIP * std
+    high = mean + Z_CLIP * std
+    log = np.array([f.transform is Transform.LOG1P for f in specs(group)])
+    with np.errstate(over="ignore"):  # an expm1 past float64 is +inf: no upper bound, as meant
+        low[log] = np.maximum(np.expm1(low[log]), 0.0)
+        high[log] = np.expm1(high[log])
+    return low, high, log
+
+
 def rows_from_mappings(rows: Sequence[Mapping[str, float]], group: Group) -> Float32Array:
     """Named rows (offline tools, model-card reference rows) -> raw matrix in model order.
 

@@ -158,12 +158,14 @@ class Model:
                 f"context: expected shape ({features.N_CONTEXT},), got {context.shape}"
             )
         _check_candidates(candidates)
-        # One user: fold the context into the weights instead of building the design matrix.
-        norm = self.weights.normalization
-        weights, bias = self._fold.collapse(norm.normalize_context(context))
-        z = norm.normalize_candidates(candidates) @ weights
-        z += bias
-        return sigmoid(z)
+        # One user: the context and the normalisation folded into the weights instead of a
+        # design matrix (features.ScoringPlan; predict_rows is the plain path, equal to 1e-12).
+        z = self._plan.logits(context, candidates)
+        # sigmoid in place: exp(-logaddexp(0, -z)), without an array per step.
+        np.negative(z, out=z)
+        np.logaddexp(0.0, z, out=z)
+        np.negative(z, out=z)
+        return np.exp(z, out=z)
 
     @functools.cached_property
     def fallback(self) -> tuple[Float32Array, Float32Array]:
@@ -199,8 +201,9 @@ class Model:
         return rows[0], rows[1]
 
     @functools.cached_property
-    def _fold(self) -> features.ContextFold:
-        return features.ContextFold.of(self.weights.coef, self.weights.intercept)
+    def _plan(self) -> features.ScoringPlan:
+        w = self.weights
+        return features.ScoringPlan.of(w.normalization, w.coef, w.intercept)
 
     def predict_rows(
         self, contexts: npt.NDArray[Any], candidates: npt.NDArray[Any]
@@ -299,13 +302,17 @@ def _alignment(group: Group, names: tuple[str, ...], lenient: bool = False) -> _
     return _Alignment(names, None if identity else positions, base)
 
 
-def _floats(rows: Iterable[Sequence[float]], count: int) -> Float64Array:
+Values = Sequence[float] | Float32Array
+"""A run of feature values: a protobuf repeated field, a list, or a float32 array."""
+
+
+def _floats(rows: Iterable[Values], count: int) -> Float64Array:
     """The rows' values, concatenated, as one float64 array (``count`` values in all)."""
     packed = struct.pack(f"{count}d", *itertools.chain.from_iterable([row[:] for row in rows]))
     return np.frombuffer(packed, dtype=np.float64)
 
 
-def _finite_float32(rows: Iterable[Sequence[float]], count: int) -> Float32Array | None:
+def _finite_float32(rows: Iterable[Values], count: int) -> Float32Array | None:
     """The rows' values, concatenated, as one float32 array; None if any of them is NaN,
     infinite or too large for float32 (``_first_bad`` then names it)."""
     # Slicing a protobuf repeated field builds its list in C, and struct packs the lot in one
@@ -370,23 +377,26 @@ def align_request(
         _check_context_values(ctx_align, values[:n_ctx])
         _check_candidate_values(cand_align, values[n_ctx:])
         raise AssertionError("unreachable: a value was found faulty")  # pragma: no cover
-    return _place(ctx_align, cand_align, raw, n)
+    return _place(ctx_align, cand_align, raw[:n_ctx], raw[n_ctx:], n)
 
 
 def align_columnar_request(
     *,
     context_feature_names: Sequence[str],
-    context_values: Sequence[float],
+    context_values: Values,
     candidate_feature_names: Sequence[str],
     candidate_ids: Sequence[str],
-    candidate_values: Sequence[float],
+    candidate_values: Values,
     max_candidates: int,
     lenient: bool = False,
 ) -> AlignedRequest:
     """``align_request`` for the columnar form: ``candidate_values`` holds every candidate's
     values row-major, ``len(candidate_ids)`` rows of ``len(candidate_feature_names)``. Errors
     name the columnar fields (``candidate_ids[i]``, ``candidate_values[j]`` and the candidate
-    it falls in), in the same order as ``align_request``'s."""
+    it falls in), in the same order as ``align_request``'s.
+
+    Both value sequences may be float32 arrays (what ``api.packed`` reads off the wire): then
+    only NaN and infinities remain to be found, and no value is copied."""
     ctx_align = _alignment(Group.CONTEXT, tuple(context_feature_names), lenient)
     n_ctx = len(ctx_align.names)
     if len(context_values) != n_ctx:
@@ -409,7 +419,12 @@ def align_columnar_request(
     except InvalidArgument:
         _check_context_values(ctx_align, _floats((context_values,), n_ctx))
         raise
-    raw = _finite_float32((context_values, candidate_values), n_ctx + n * k)
+    if isinstance(context_values, np.ndarray) and isinstance(candidate_values, np.ndarray):
+        if np.isfinite(context_values).all() and np.isfinite(candidate_values).all():
+            return _place(ctx_align, cand_align, context_values, candidate_values, n)
+        raw = None
+    else:
+        raw = _finite_float32((context_values, candidate_values), n_ctx + n * k)
     if raw is None:
         values = _floats((context_values, candidate_values), n_ctx + n * k)
         _check_context_values(ctx_align, values[:n_ctx])
@@ -421,16 +436,19 @@ def align_columnar_request(
             f"feature {cand_align.names[j]!r} of candidate {i} ({echo(candidate_ids[i])}) "
             f"must be a finite float32, got {values[n_ctx + bad]}",
         )
-    return _place(ctx_align, cand_align, raw, n)
+    return _place(ctx_align, cand_align, raw[:n_ctx], raw[n_ctx:], n)
 
 
 def _place(
-    ctx_align: _Alignment, cand_align: _Alignment, raw: Float32Array, n: int
+    ctx_align: _Alignment,
+    cand_align: _Alignment,
+    context_values: Float32Array,
+    candidate_values: Float32Array,
+    n: int,
 ) -> AlignedRequest:
     """Context row and candidate matrix in model order from the request's checked values."""
-    n_ctx = len(ctx_align.names)
-    context = _place_row(ctx_align, raw[:n_ctx])
-    cand32 = raw[n_ctx:].reshape(n, len(cand_align.names))
+    context = _place_row(ctx_align, context_values)
+    cand32 = candidate_values.reshape(n, len(cand_align.names))
     if cand_align.positions is None:
         candidates = cand32
     else:

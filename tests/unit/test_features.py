@@ -211,3 +211,32 @@ def test_context_fold_equals_the_design_matrix_product() -> None:
     weights, bias = features.ContextFold.of(coef, intercept).collapse(context)
     expected = features.design_matrix(context, candidates) @ coef + intercept
     np.testing.assert_allclose(candidates @ weights + bias, expected, rtol=0, atol=1e-12)
+
+
+def test_scoring_plan_equals_transform_normalize_and_design_matrix() -> None:
+    # The serving fold (bounds, log1p, weights with the z-scoring folded in) against the plain
+    # path training and predict_rows use, on raw rows that reach every branch: negative inputs
+    # to log1p features, values far past the z-score clip on both sides, huge finite float32.
+    rng = np.random.default_rng(11)
+    context_raw = rng.uniform(0, 50, size=(200, features.N_CONTEXT)).astype(np.float32)
+    candidates_raw = rng.uniform(0, 400, size=(200, features.N_CANDIDATE)).astype(np.float32)
+    norm = features.Normalization.fit(context_raw, candidates_raw)
+    coef = rng.normal(size=features.N_DESIGN)
+    intercept = float(rng.normal())
+    plan = features.ScoringPlan.of(norm, coef, intercept)
+    extremes = np.array([-1e30, -5.0, -0.5, 0.0, 1e-3, 3e5, 3.4e38], dtype=np.float32)
+    for trial in range(40):
+        context = rng.uniform(-10, 60, size=features.N_CONTEXT).astype(np.float32)
+        candidates = rng.uniform(-50, 500, size=(17, features.N_CANDIDATE)).astype(np.float32)
+        if trial % 2:
+            context[rng.integers(features.N_CONTEXT)] = rng.choice(extremes)
+            mask = rng.random(candidates.shape) < 0.2
+            candidates[mask] = rng.choice(extremes, size=int(mask.sum()))
+        want = (
+            features.design_matrix(
+                norm.normalize_context(context), norm.normalize_candidates(candidates)
+            )
+            @ coef
+            + intercept
+        )
+        np.testing.assert_allclose(plan.logits(context, candidates), want, rtol=1e-12, atol=1e-12)
