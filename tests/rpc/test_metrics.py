@@ -8,9 +8,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ml_serving._proto.mlserving.v1 import inference_service_pb2_grpc as pb_grpc
+from ml_serving.api import metrics as metrics_module
+from ml_serving.api.rpc import Gate
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.requests import generate_request, generate_stream_request, score_request
 from tests.support.server_process import free_port
@@ -142,3 +145,46 @@ async def test_metrics_count_llm_errors_fallbacks_and_shed(
         )
         == 1
     )
+
+
+def test_the_rpc_series_read_as_prometheus_client_would_write_them() -> None:
+    # grpc_server_* are counted in plain ints (metrics._RpcCounts) instead of prometheus_client's
+    # Counter and Histogram: the same observations must expose the same samples, `le` labels
+    # and +Inf bucket included.
+    ours = metrics_module.Metrics(Gate(limit=10))
+    reference = CollectorRegistry()
+    labels = ["grpc_type", "grpc_service", "grpc_method"]
+    started = Counter("grpc_server_started", "s", labels, registry=reference)
+    handled = Counter("grpc_server_handled", "h", [*labels, "grpc_code"], registry=reference)
+    handling = Histogram(
+        "grpc_server_handling_seconds",
+        "t",
+        labels,
+        buckets=metrics_module.RPC_BUCKETS,
+        registry=reference,
+    )
+    calls = [
+        ("Score", "OK", 0.0004),
+        ("Score", "OK", 0.0005),  # on a bound: counted in that bucket (le)
+        ("Score", "INVALID_ARGUMENT", 0.003),
+        ("Generate", "OK", 0.4),
+        ("GenerateStream", "CANCELLED", 500.0),  # past every bound: +Inf only
+    ]
+    for method, code, seconds in calls:
+        ours.rpc_started(method)
+        ours.rpc_finished(method, code, seconds, {})
+        kind = "server_stream" if method == "GenerateStream" else "unary"
+        started.labels(kind, "mlserving.v1.InferenceService", method).inc()
+        handled.labels(kind, "mlserving.v1.InferenceService", method, code).inc()
+        handling.labels(kind, "mlserving.v1.InferenceService", method).observe(seconds)
+
+    def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text.decode())
+            for s in family.samples
+            if s.name.startswith("grpc_server_") and not s.name.endswith("_created")
+        }
+
+    got = samples(generate_latest(ours.registry))
+    assert got and got == samples(generate_latest(reference))
