@@ -541,12 +541,36 @@ def _fields(chunk: Any) -> tuple[str, str, Any]:
     GenericStreamingChunk dict some iterators return)."""
     if isinstance(chunk, dict):
         return chunk.get("text") or "", chunk.get("finish_reason") or "", _usage(chunk)
-    usage = getattr(chunk, "usage", None)
+    usage = _read(chunk, "usage")
     choices = chunk.choices
     if not choices:
         return "", "", usage
     choice = choices[0]
-    return choice.delta.content or "", choice.finish_reason or "", usage
+    delta = _read(choice, "delta")
+    text = _read(delta, "content") if delta is not None else None
+    return text or "", _read(choice, "finish_reason") or "", usage
+
+
+_DIRECT: dict[tuple[type, str], bool] = {}
+"""Per (pydantic model class, name): whether an attribute read can find the name (a declared
+field, a property) when the instance's extras do not hold it."""
+
+
+def _read(obj: Any, name: str) -> Any:
+    """`getattr(obj, name, None)`, without pydantic's slow path for LiteLLM's stream types:
+    they keep most values (usage, delta, content, finish_reason) as extras, which an attribute
+    read reaches only through the model's `__getattr__` (~0.8 us, ~2 us for an absent one: it
+    raises), where `model_extra` answers in ~0.1 us. Five reads a chunk: ~0.15 ms a stream."""
+    extra = getattr(obj, "model_extra", None)
+    if extra is None:
+        return getattr(obj, name, None)  # not a pydantic model that keeps extras
+    if name in extra:
+        return extra[name]
+    cls = type(obj)
+    direct = _DIRECT.get((cls, name))
+    if direct is None:
+        direct = _DIRECT[(cls, name)] = name in cls.model_fields or hasattr(cls, name)
+    return getattr(obj, name, None) if direct else None
 
 
 def _usage(chunk: Mapping[str, Any]) -> Any:
