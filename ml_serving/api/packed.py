@@ -43,18 +43,18 @@ _View: Final = _view_class()
 _LITTLE_ENDIAN_F32: Final = np.dtype(DTYPE).newbyteorder("<")
 
 
-def score_values(request: pb.ScoreRequest) -> tuple[Float32Array, Float32Array]:
-    """`request.context_values` and `request.candidate_values` as read-only float32 arrays.
+def score_values(request: pb.ScoreRequest) -> Float32Array:
+    """`request.context_values` then `request.candidate_values`, as one read-only float32 array.
 
     The request is serialized again first: upb writes each packed field as one block, however
     the sender split or unpacked it (both are valid encodings), so the view always sees it
     whole; the lengths are checked against the parsed request all the same.
     """
     view = _View.FromString(request.SerializeToString())
-    context = np.frombuffer(view.context_values, dtype=_LITTLE_ENDIAN_F32)  # type: ignore[attr-defined]
-    candidates = np.frombuffer(view.candidate_values, dtype=_LITTLE_ENDIAN_F32)  # type: ignore[attr-defined]
-    if len(context) != len(request.context_values) or len(candidates) != len(
-        request.candidate_values
-    ):
+    values = np.frombuffer(
+        view.context_values + view.candidate_values,  # type: ignore[attr-defined]
+        dtype=_LITTLE_ENDIAN_F32,
+    )
+    if len(values) != len(request.context_values) + len(request.candidate_values):
         raise AssertionError("a packed float field was not serialized as one block")
-    return context, candidates
+    return values

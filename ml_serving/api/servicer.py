@@ -113,15 +113,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         with tracing.child_span("score.model", candidates=n):
             if columnar:
                 ids = request.candidate_ids[:]
-                context_values, candidate_values = packed.score_values(request)
                 aligned = align_columnar_request(
                     context_feature_names=request.context_feature_names,
-                    context_values=context_values,
+                    context_values=request.context_values,
                     candidate_feature_names=request.candidate_feature_names,
                     candidate_ids=ids,
-                    candidate_values=candidate_values,
+                    candidate_values=request.candidate_values,
                     max_candidates=max_candidates,
                     lenient=lenient,
+                    values=packed.score_values(request),
                 )
             else:
                 # A list first: iterating the repeated field builds a wrapper per element.
@@ -151,7 +151,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 aligned = AlignedRequest(done.context, done.candidates)
                 defaulted = done.defaulted
             result = ScoreResult(
-                model.predict(aligned.context, aligned.candidates),
+                model.predict_aligned(aligned),
                 model.name,
                 model.version,
                 aligned,

@@ -434,21 +434,24 @@ class ContextFold:
         return folded[:N_CANDIDATE], float(folded[N_CANDIDATE])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ScoringPlan:
     """One model's serving arithmetic with the normalisation folded into its weights: for
     ``plan = ScoringPlan.of(normalization, coef, intercept)``, ``plan.logits(context, c)``
     equals ``design_matrix(normalize_context(context), normalize_candidates(c)) @ coef +
-    intercept`` for raw rows (the same sums in another order: they agree to ~1e-15).
+    intercept`` for raw rows (the same sums in another order: they agree to ~1e-15), and
+    ``plan.probabilities`` is its logistic function.
 
     Why: a Score call is one user and ~20 candidates, so each numpy call's fixed cost, not the
     arithmetic, is what a request pays. Clipping the z-score to [-Z_CLIP, Z_CLIP] is the same as
     clipping the transformed value to [mean - Z_CLIP std, mean + Z_CLIP std], and for a LOG1P
     feature the same as clipping the raw value to the expm1 of those bounds (log1p is
     increasing; its max(x, 0) is one more lower bound): the transform, the normalisation and
-    the clip become two bounds and one log1p per group, and the affine z-scoring goes into the
-    folded weights. Per request: 5 numpy calls on the context, 6 on the candidates, where
-    transform + normalise + fold took 16.
+    the clip become two bounds and one log1p, and the affine z-scoring goes into the folded
+    weights. The weights are kept negated, so that the logistic function takes three calls.
+    ``probabilities_packed`` takes the context row and the candidate rows as one buffer (as a
+    request sends them) and bounds them all at once: 12 numpy calls a request, where
+    transform + normalise + fold + sigmoid took 20.
     """
 
     context_low: Float64Array
@@ -458,11 +461,14 @@ class ScoringPlan:
     candidate_low: Float64Array
     candidate_high: Float64Array
     candidate_log: npt.NDArray[np.bool_]
-    matrix: Float64Array
+    neg_matrix: Float64Array
     """Shape (N_CONTEXT, N_CANDIDATE + 1): maps a bounded, transformed context row to the
-    candidate weights (on bounded, transformed candidate values) and the bias, last."""
-    offset: Float64Array
-    """Shape (N_CANDIDATE + 1,): added to ``context @ matrix``."""
+    negated candidate weights (on bounded, transformed candidate values) and bias, last."""
+    neg_offset: Float64Array
+    """Shape (N_CANDIDATE + 1,): added to ``context @ neg_matrix``."""
+    _packed: tuple[int, Float64Array, Float64Array, npt.NDArray[np.bool_]] | None = None
+    """The bounds and log1p mask of a context row and `capacity` candidate rows laid end to
+    end: (capacity, low, high, log); a request of n <= capacity rows slices them."""
 
     @classmethod
     def of(cls, norm: Normalization, coef: Float64Array, intercept: float) -> ScoringPlan:
@@ -473,38 +479,82 @@ class ScoringPlan:
         # Candidate side: w_j * (t_j - m_j) / s_j summed = t @ (w / s) - (m / s) @ w, so the
         # weights scale by 1/s and the bias takes -(m/s) @ w; both are linear in the context's
         # z-scores, hence columns of one matrix.
+        k = N_CANDIDATE
         inv_s = 1.0 / norm.candidate_std
         m_over_s = norm.candidate_mean * inv_s
         matrix = np.empty_like(fold.matrix)
-        matrix[:, :N_CANDIDATE] = fold.matrix[:, :N_CANDIDATE] * inv_s
-        matrix[:, N_CANDIDATE] = (
-            fold.matrix[:, N_CANDIDATE] - fold.matrix[:, :N_CANDIDATE] @ m_over_s
-        )
+        matrix[:, :k] = fold.matrix[:, :k] * inv_s
+        matrix[:, k] = fold.matrix[:, k] - fold.matrix[:, :k] @ m_over_s
         offset = np.empty_like(fold.offset)
-        offset[:N_CANDIDATE] = fold.offset[:N_CANDIDATE] * inv_s
-        offset[N_CANDIDATE] = fold.offset[N_CANDIDATE] - fold.offset[:N_CANDIDATE] @ m_over_s
+        offset[:k] = fold.offset[:k] * inv_s
+        offset[k] = fold.offset[k] - fold.offset[:k] @ m_over_s
         # Context side: z = (t - m) / s, so z @ matrix = t @ (matrix / s) - (m / s) @ matrix.
         inv_sc = 1.0 / norm.context_std
         offset -= (norm.context_mean * inv_sc) @ matrix
         matrix *= inv_sc[:, None]
-        return cls(c_low, c_high, c_log, t_low, t_high, t_log, matrix, offset)
+        return cls(c_low, c_high, c_log, t_low, t_high, t_log, -matrix, -offset)
 
     def logits(self, context: npt.NDArray[Any], candidates: npt.NDArray[Any]) -> Float64Array:
         """The model's logit for each candidate row (raw values, model order, defaults filled):
         ``context`` shape (N_CONTEXT,), ``candidates`` (n, N_CANDIDATE); float64, shape (n,)."""
+        z: Float64Array = np.negative(self._neg_logits(context, candidates))
+        return z
+
+    def probabilities(
+        self, context: npt.NDArray[Any], candidates: npt.NDArray[Any]
+    ) -> Float64Array:
+        """The logistic function of ``logits``: each candidate's probability, float64."""
+        return _sigmoid_of_negated(self._neg_logits(context, candidates))
+
+    def probabilities_packed(self, values: npt.NDArray[Any], n: int) -> Float64Array:
+        """``probabilities`` for one buffer: the context row, then the ``n`` candidate rows
+        (shape (N_CONTEXT + n * N_CANDIDATE,), model order, defaults filled)."""
+        packed = self._packed
+        if packed is None or packed[0] < n:
+            packed = self._packed = self._packed_bounds(max(n, 64))
+        size = N_CONTEXT + n * N_CANDIDATE
+        t = values.astype(np.float64)
+        np.maximum(t, packed[1][:size], out=t)
+        np.minimum(t, packed[2][:size], out=t)
+        np.log1p(t, out=t, where=packed[3][:size])
+        folded = np.dot(t[:N_CONTEXT], self.neg_matrix)
+        folded += self.neg_offset
+        u: Float64Array = np.dot(t[N_CONTEXT:].reshape(n, N_CANDIDATE), folded[:N_CANDIDATE])
+        u += folded[N_CANDIDATE]
+        return _sigmoid_of_negated(u)
+
+    def _packed_bounds(
+        self, capacity: int
+    ) -> tuple[int, Float64Array, Float64Array, npt.NDArray[np.bool_]]:
+        return (
+            capacity,
+            np.concatenate([self.context_low, np.tile(self.candidate_low, capacity)]),
+            np.concatenate([self.context_high, np.tile(self.candidate_high, capacity)]),
+            np.concatenate([self.context_log, np.tile(self.candidate_log, capacity)]),
+        )
+
+    def _neg_logits(self, context: npt.NDArray[Any], candidates: npt.NDArray[Any]) -> Float64Array:
         t = context.astype(np.float64)
         np.maximum(t, self.context_low, out=t)
         np.minimum(t, self.context_high, out=t)
         np.log1p(t, out=t, where=self.context_log)
-        folded = t @ self.matrix
-        folded += self.offset
+        folded = np.dot(t, self.neg_matrix)
+        folded += self.neg_offset
         c = candidates.astype(np.float64)
         np.maximum(c, self.candidate_low, out=c)
         np.minimum(c, self.candidate_high, out=c)
         np.log1p(c, out=c, where=self.candidate_log)
-        z = c @ folded[:N_CANDIDATE]
-        z += folded[N_CANDIDATE]
-        return z
+        u: Float64Array = np.dot(c, folded[:N_CANDIDATE])
+        u += folded[N_CANDIDATE]
+        return u
+
+
+def _sigmoid_of_negated(u: Float64Array) -> Float64Array:
+    """1 / (1 + exp(u)) in place, as exp(-logaddexp(0, u)): accurate and warning-free over the
+    whole float64 range (u is the negated logit)."""
+    np.logaddexp(0.0, u, out=u)
+    np.negative(u, out=u)
+    return np.exp(u, out=u)
 
 
 def _bounds(

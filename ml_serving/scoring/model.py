@@ -160,12 +160,14 @@ class Model:
         _check_candidates(candidates)
         # One user: the context and the normalisation folded into the weights instead of a
         # design matrix (features.ScoringPlan; predict_rows is the plain path, equal to 1e-12).
-        z = self._plan.logits(context, candidates)
-        # sigmoid in place: exp(-logaddexp(0, -z)), without an array per step.
-        np.negative(z, out=z)
-        np.logaddexp(0.0, z, out=z)
-        np.negative(z, out=z)
-        return np.exp(z, out=z)
+        return self._plan.probabilities(context, candidates)
+
+    def predict_aligned(self, request: AlignedRequest) -> Float64Array:
+        """``predict`` for an aligned request; in one pass over its values when they are one
+        buffer in model order (``AlignedRequest.values``), as most requests send them."""
+        if request.values is not None:
+            return self._plan.probabilities_packed(request.values, len(request.candidates))
+        return self.predict(request.context, request.candidates)
 
     @functools.cached_property
     def fallback(self) -> tuple[Float32Array, Float32Array]:
@@ -252,6 +254,9 @@ class AlignedRequest:
     """Shape (N_CONTEXT,)."""
     candidates: Float32Array
     """Shape (n, N_CANDIDATE)."""
+    values: Float32Array | None = None
+    """``context`` then ``candidates``' rows in one buffer, when the request's values already
+    were in model order (both arrays are then views of it); None otherwise."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +311,22 @@ Values = Sequence[float] | Float32Array
 """A run of feature values: a protobuf repeated field, a list, or a float32 array."""
 
 
+_recent: dict[tuple[Group, bool], tuple[list[str], _Alignment]] = {}
+"""Per group and mode, the names of the last request aligned and their alignment."""
+
+
+def _aligned(group: Group, names: Sequence[str], lenient: bool) -> _Alignment:
+    """``_alignment`` for a request's names, the last request's checked first: callers send the
+    same names call after call, and comparing a protobuf repeated field with a list costs a
+    third of building the tuple that keys the cache (and hashing its strings)."""
+    recent = _recent.get((group, lenient))
+    if recent is not None and names == recent[0]:
+        return recent[1]
+    found = _alignment(group, tuple(names), lenient)
+    _recent[group, lenient] = (list(found.names), found)
+    return found
+
+
 def _floats(rows: Iterable[Values], count: int) -> Float64Array:
     """The rows' values, concatenated, as one float64 array (``count`` values in all)."""
     packed = struct.pack(f"{count}d", *itertools.chain.from_iterable([row[:] for row in rows]))
@@ -353,7 +374,7 @@ def align_request(
     first offending proto field path (names, then context values, then candidate count, ids,
     value counts and values); never fills a required feature with a made-up value.
     """
-    ctx_align = _alignment(Group.CONTEXT, tuple(context_feature_names), lenient)
+    ctx_align = _aligned(Group.CONTEXT, context_feature_names, lenient)
     n_ctx = len(ctx_align.names)
     if len(context_values) != n_ctx:
         raise InvalidArgument(
@@ -362,7 +383,7 @@ def align_request(
             f"got {len(context_values)}",
         )
     try:
-        cand_align = _alignment(Group.CANDIDATE, tuple(candidate_feature_names), lenient)
+        cand_align = _aligned(Group.CANDIDATE, candidate_feature_names, lenient)
         k = len(cand_align.names)
         n = _check_candidate_shape(cand_align, candidate_ids, candidate_values, max_candidates)
     except InvalidArgument:
@@ -377,7 +398,7 @@ def align_request(
         _check_context_values(ctx_align, values[:n_ctx])
         _check_candidate_values(cand_align, values[n_ctx:])
         raise AssertionError("unreachable: a value was found faulty")  # pragma: no cover
-    return _place(ctx_align, cand_align, raw[:n_ctx], raw[n_ctx:], n)
+    return _place(ctx_align, cand_align, raw, n)
 
 
 def align_columnar_request(
@@ -389,15 +410,18 @@ def align_columnar_request(
     candidate_values: Values,
     max_candidates: int,
     lenient: bool = False,
+    values: Float32Array | None = None,
 ) -> AlignedRequest:
     """``align_request`` for the columnar form: ``candidate_values`` holds every candidate's
     values row-major, ``len(candidate_ids)`` rows of ``len(candidate_feature_names)``. Errors
     name the columnar fields (``candidate_ids[i]``, ``candidate_values[j]`` and the candidate
     it falls in), in the same order as ``align_request``'s.
 
-    Both value sequences may be float32 arrays (what ``api.packed`` reads off the wire): then
-    only NaN and infinities remain to be found, and no value is copied."""
-    ctx_align = _alignment(Group.CONTEXT, tuple(context_feature_names), lenient)
+    ``values``, when given, holds ``context_values`` then ``candidate_values`` as one float32
+    array (what ``api.packed`` reads off the wire): then only NaN and infinities remain to be
+    found, and no value is copied (the two sequences are only counted, or read to name a bad
+    value)."""
+    ctx_align = _aligned(Group.CONTEXT, context_feature_names, lenient)
     n_ctx = len(ctx_align.names)
     if len(context_values) != n_ctx:
         raise InvalidArgument(
@@ -406,7 +430,7 @@ def align_columnar_request(
             f"got {len(context_values)}",
         )
     try:
-        cand_align = _alignment(Group.CANDIDATE, tuple(candidate_feature_names), lenient)
+        cand_align = _aligned(Group.CANDIDATE, candidate_feature_names, lenient)
         k = len(cand_align.names)
         n = _check_candidate_count(len(candidate_ids), max_candidates, "candidate_ids")
         _check_ids(candidate_ids, n, "candidate_ids[{}]")
@@ -419,43 +443,42 @@ def align_columnar_request(
     except InvalidArgument:
         _check_context_values(ctx_align, _floats((context_values,), n_ctx))
         raise
-    if isinstance(context_values, np.ndarray) and isinstance(candidate_values, np.ndarray):
-        if np.isfinite(context_values).all() and np.isfinite(candidate_values).all():
-            return _place(ctx_align, cand_align, context_values, candidate_values, n)
-        raw = None
+    if values is not None:
+        if len(values) != n_ctx + n * k:
+            raise ValueError(f"{len(values)} values for {n_ctx} + {n} x {k}")
+        raw = values if np.isfinite(values).all() else None
     else:
         raw = _finite_float32((context_values, candidate_values), n_ctx + n * k)
     if raw is None:
-        values = _floats((context_values, candidate_values), n_ctx + n * k)
-        _check_context_values(ctx_align, values[:n_ctx])
-        bad = _first_bad(values[n_ctx:])
+        wide = _floats((context_values, candidate_values), n_ctx + n * k)
+        _check_context_values(ctx_align, wide[:n_ctx])
+        bad = _first_bad(wide[n_ctx:])
         assert bad is not None
         i, j = divmod(bad, k)
         raise InvalidArgument(
             f"candidate_values[{bad}]",
             f"feature {cand_align.names[j]!r} of candidate {i} ({echo(candidate_ids[i])}) "
-            f"must be a finite float32, got {values[n_ctx + bad]}",
+            f"must be a finite float32, got {wide[n_ctx + bad]}",
         )
-    return _place(ctx_align, cand_align, raw[:n_ctx], raw[n_ctx:], n)
+    return _place(ctx_align, cand_align, raw, n)
 
 
 def _place(
-    ctx_align: _Alignment,
-    cand_align: _Alignment,
-    context_values: Float32Array,
-    candidate_values: Float32Array,
-    n: int,
+    ctx_align: _Alignment, cand_align: _Alignment, raw: Float32Array, n: int
 ) -> AlignedRequest:
-    """Context row and candidate matrix in model order from the request's checked values."""
-    context = _place_row(ctx_align, context_values)
-    cand32 = candidate_values.reshape(n, len(cand_align.names))
+    """Context row and candidate matrix in model order from the request's checked values (the
+    context's, then the candidates' rows, in one buffer)."""
+    n_ctx = len(ctx_align.names)
+    context = _place_row(ctx_align, raw[:n_ctx])
+    cand32 = raw[n_ctx:].reshape(n, len(cand_align.names))
     if cand_align.positions is None:
         candidates = cand32
     else:
         candidates = np.empty((n, features.N_CANDIDATE), dtype=DTYPE)
         candidates[:] = cand_align.base
         candidates[:, cand_align.positions] = cand32
-    return AlignedRequest(context, candidates)
+    in_model_order = ctx_align.positions is None and cand_align.positions is None
+    return AlignedRequest(context, candidates, raw if in_model_order else None)
 
 
 def _check_candidate_count(n: int, max_candidates: int, field: str) -> int:

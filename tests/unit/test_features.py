@@ -240,3 +240,20 @@ def test_scoring_plan_equals_transform_normalize_and_design_matrix() -> None:
             + intercept
         )
         np.testing.assert_allclose(plan.logits(context, candidates), want, rtol=1e-12, atol=1e-12)
+        probabilities = 1.0 / (1.0 + np.exp(-want))
+        np.testing.assert_allclose(
+            plan.probabilities(context, candidates), probabilities, rtol=1e-12, atol=1e-15
+        )
+        packed = np.concatenate([context, candidates.ravel()])
+        np.testing.assert_array_equal(
+            plan.probabilities_packed(packed, len(candidates)),
+            plan.probabilities(context, candidates),
+        )
+    # The packed bounds grow past their first capacity (64 rows) and still fit smaller requests.
+    for n in (100, 3):
+        context = rng.uniform(0, 50, size=features.N_CONTEXT).astype(np.float32)
+        candidates = rng.uniform(-1, 400, size=(n, features.N_CANDIDATE)).astype(np.float32)
+        packed = np.concatenate([context, candidates.ravel()])
+        np.testing.assert_array_equal(
+            plan.probabilities_packed(packed, n), plan.probabilities(context, candidates)
+        )

@@ -20,12 +20,10 @@ def test_values_equal_the_parsed_fields_and_are_float32() -> None:
         candidate_ids=["a", "b"],
         candidate_values=[0.1, 0.2, float("nan"), float("inf")],
     )
-    context, candidates = packed.score_values(
-        pb.ScoreRequest.FromString(request.SerializeToString())
-    )
-    assert context.dtype == np.float32 and candidates.dtype == np.float32
-    np.testing.assert_array_equal(context, np.array(request.context_values, dtype=np.float32))
-    np.testing.assert_array_equal(candidates, np.array(request.candidate_values, dtype=np.float32))
+    values = packed.score_values(pb.ScoreRequest.FromString(request.SerializeToString()))
+    assert values.dtype == np.float32
+    want = [*request.context_values, *request.candidate_values]
+    np.testing.assert_array_equal(values, np.array(want, dtype=np.float32))
 
 
 def test_unpacked_and_split_encodings_read_whole() -> None:
@@ -47,11 +45,8 @@ def test_unpacked_and_split_encodings_read_whole() -> None:
     )
     request = pb.ScoreRequest.FromString(wire)
     assert list(request.candidate_values) == [1.0, 2.0, 3.0, 4.0]
-    context, candidates = packed.score_values(request)
-    assert context.size == 0
-    assert candidates.tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert packed.score_values(request).tolist() == [1.0, 2.0, 3.0, 4.0]
 
 
 def test_empty_request() -> None:
-    context, candidates = packed.score_values(pb.ScoreRequest())
-    assert context.size == 0 and candidates.size == 0
+    assert packed.score_values(pb.ScoreRequest()).size == 0

@@ -147,12 +147,19 @@ def test_align_request_puts_values_in_model_order() -> None:
     assert aligned.candidates.shape == (3, features.N_CANDIDATE)
 
 
-def test_alignment_is_cached_per_name_tuple() -> None:
+def test_alignment_is_computed_once_per_name_order() -> None:
     req = make_request()
     scoring.align_request(**req)
-    before = scoring._alignment.cache_info().hits
-    scoring.align_request(**req)
-    assert scoring._alignment.cache_info().hits == before + 2  # context and candidate names
+    before = scoring._alignment.cache_info()
+    scoring.align_request(**req)  # the same names as the last request: taken as they are
+    assert scoring._alignment.cache_info() == before
+    rev_ctx = dict(reversed(list(CONTEXT.items())))
+    scoring.align_request(**make_request(context=rev_ctx))
+    scoring.align_request(**req)  # back to the first order: from the cache
+    after = scoring._alignment.cache_info()
+    # Two lookups (the context names changed twice; the candidates' never did), the second a hit.
+    assert after.hits + after.misses == before.hits + before.misses + 2
+    assert after.hits >= before.hits + 1
 
 
 Mutation = Callable[[dict[str, Any]], None]
