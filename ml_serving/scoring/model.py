@@ -469,16 +469,22 @@ def _place(
     """Context row and candidate matrix in model order from the request's checked values (the
     context's, then the candidates' rows, in one buffer)."""
     n_ctx = len(ctx_align.names)
-    context = _place_row(ctx_align, raw[:n_ctx])
     cand32 = raw[n_ctx:].reshape(n, len(cand_align.names))
     if cand_align.positions is None:
-        candidates = cand32
-    else:
-        candidates = np.empty((n, features.N_CANDIDATE), dtype=DTYPE)
-        candidates[:] = cand_align.base
-        candidates[:, cand_align.positions] = cand32
-    in_model_order = ctx_align.positions is None and cand_align.positions is None
-    return AlignedRequest(context, candidates, raw if in_model_order else None)
+        if ctx_align.positions is None:
+            return AlignedRequest(raw[:n_ctx], cand32, raw)
+        # Only the context's order differs (a few values): one buffer in model order all the
+        # same, so that predict takes the one-pass path.
+        joined = np.empty(features.N_CONTEXT + cand32.size, dtype=DTYPE)
+        context = joined[: features.N_CONTEXT]
+        context[:] = ctx_align.base
+        context[ctx_align.positions] = raw[:n_ctx]
+        joined[features.N_CONTEXT :] = raw[n_ctx:]
+        return AlignedRequest(context, joined[features.N_CONTEXT :].reshape(cand32.shape), joined)
+    candidates = np.empty((n, features.N_CANDIDATE), dtype=DTYPE)
+    candidates[:] = cand_align.base
+    candidates[:, cand_align.positions] = cand32
+    return AlignedRequest(_place_row(ctx_align, raw[:n_ctx]), candidates)
 
 
 def _check_candidate_count(n: int, max_candidates: int, field: str) -> int:

@@ -434,3 +434,32 @@ def test_sigmoid_is_stable() -> None:
     z = np.array([-1000.0, -5.0, 0.0, 5.0, 1000.0])
     p = scoring.sigmoid(z)
     np.testing.assert_allclose(p, [0.0, 1 / (1 + np.exp(5.0)), 0.5, 1 / (1 + np.exp(-5.0)), 1.0])
+
+
+@pytest.mark.parametrize("reverse_context", [False, True])
+def test_one_buffer_path_scores_as_the_two_array_path(
+    model: scoring.Model, reverse_context: bool
+) -> None:
+    # A columnar request's values arrive as one float32 buffer (api.packed); when the
+    # candidates are in model order they stay one buffer (the context reordered into it if need
+    # be) and predict_aligned bounds them in one pass: same scores as predict on the arrays.
+    req = make_request(context=dict(reversed(list(CONTEXT.items()))) if reverse_context else None)
+    values = np.array(
+        [*req["context_values"], *(v for row in req["candidate_values"] for v in row)],
+        dtype=np.float32,
+    )
+    aligned = scoring.align_columnar_request(
+        **{**req, "candidate_values": [v for row in req["candidate_values"] for v in row]},
+        values=values,
+    )
+    assert aligned.values is not None
+    np.testing.assert_array_equal(
+        aligned.context,
+        np.array([CONTEXT[n] for n in features.CONTEXT_FEATURE_NAMES], dtype=np.float32),
+    )
+    np.testing.assert_array_equal(
+        model.predict_aligned(aligned), model.predict(aligned.context, aligned.candidates)
+    )
+    np.testing.assert_allclose(
+        model.predict_aligned(aligned), scoring.score(model, **req).scores, rtol=0, atol=1e-15
+    )
