@@ -318,7 +318,8 @@ class _Call:
 
     def admit(self, request: object) -> None:
         # Credentials first: an unauthenticated caller never takes (or is counted against) a slot.
-        security.check_bearer(self.metadata, self.gate.auth_token)
+        if self.gate.auth_token is not None:
+            security.check_bearer(self.metadata, self.gate.auth_token)
         self.gate.admit()
         self.admitted = True
         if self._long_id:

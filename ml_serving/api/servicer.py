@@ -99,16 +99,17 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             check_id("user_id", request.user_id)  # the bound Generate's user_id has
         n = len(request.candidate_ids) if columnar else len(request.candidates)
         lookup = self.features
-        # Counted before anything is built per candidate: an oversized request costs no more.
-        refuse_too_many_candidates(
-            context_feature_names=request.context_feature_names,
-            context_values=request.context_values,
-            candidate_feature_names=request.candidate_feature_names,
-            n_candidates=n,
-            max_candidates=max_candidates,
-            columnar=columnar,
-            lenient=lookup is not None,
-        )
+        if n > max_candidates:
+            # Counted before anything is built per candidate: an oversized request costs no more.
+            refuse_too_many_candidates(
+                context_feature_names=request.context_feature_names,
+                context_values=request.context_values,
+                candidate_feature_names=request.candidate_feature_names,
+                n_candidates=n,
+                max_candidates=max_candidates,
+                columnar=columnar,
+                lenient=lookup is not None,
+            )
         lenient = lookup is not None
         with tracing.child_span("score.model", candidates=n):
             if columnar:
