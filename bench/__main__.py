@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from bench import check, features, report, runner
+from bench import check, features, generate_overhead, report, runner
 from bench.scenarios import BENCH_DIR, default_plan, override, smoke_plan
 
 T = TypeVar("T")
@@ -120,13 +120,17 @@ def run_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     plan = smoke_plan() if args.smoke else default_plan()
-    # The feature-store scenario materializes two stores with Feast (about a minute): in a full
-    # run, or when named; not in the smoke run.
-    with_features = "features" in args.scenario if args.scenario else not args.smoke
+    # The feature-store scenario materializes two stores with Feast (about a minute) and
+    # generate_overhead takes interleaved rounds of a server and a raw client (about a minute):
+    # in a full run, or when named; not in the smoke run.
+    extra = check.SECTIONS
+    with_extra = {
+        name: name in args.scenario if args.scenario else not args.smoke for name in extra
+    }
     if args.scenario:
-        unknown = set(args.scenario) - {s.name for s in plan} - {"features"}
+        unknown = set(args.scenario) - {s.name for s in plan} - set(extra)
         if unknown:
-            known = [s.name for s in plan] + ["features"]
+            known = [s.name for s in plan] + list(extra)
             parser.error(f"unknown scenario(s) {sorted(unknown)}; known: {known}")
         plan = [s for s in plan if s.name in args.scenario]
     plan = override(
@@ -155,15 +159,16 @@ def run_main(argv: list[str]) -> int:
         else (tuple(range(1, min(2, os.cpu_count() or 1) + 1)) if mode == "full" else ()),
     )
     results = runner.run(options)
-    if with_features:
+    if with_extra["generate_overhead"]:
+        results["generate_overhead"] = generate_overhead.run(options.log)
+    if with_extra["features"]:
         results["features"] = features.run(options.log, smoke=args.smoke)
     verdicts = report.write_all(results, out, check.THRESHOLDS if mode == "full" else None)
     print(f"wrote {out / 'results.json'}, {out / 'RESULTS.md'}, {out / 'latency.png'}")
     if verdicts is not None:
         for v in verdicts:
             print(f"  {'PASS' if v.ok else 'FAIL'}  {v.describe()}")
-    feature_rows = (results.get("features") or {}).get("rows", [])
-    errors = sum(r["error_count"] for r in [*results["rows"], *feature_rows])
+    errors = sum(r["error_count"] for r in check.measured_rows(results))
     if errors:
         print(f"bench: {errors} failed calls (see the errors column)", file=sys.stderr)
         return 1

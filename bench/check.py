@@ -74,11 +74,23 @@ def _lookup(row: dict[str, Any], path: str) -> Any:
     return value
 
 
+SECTIONS = ("features", "generate_overhead")
+"""The scenarios run apart from the plan: results.json keeps their rows under their own key."""
+
+
+def measured_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every row of a run: the plan's, then each separate scenario's that ran."""
+    rows = list(results.get("rows", []))
+    for section in SECTIONS:
+        rows += (results.get(section) or {}).get("rows", [])
+    return rows
+
+
 def evaluate(results: dict[str, Any], rules: list[Rule]) -> list[Verdict]:
     """One verdict per rule; a rule with no measured row to judge fails (not measured)."""
     verdicts = []
+    measured = measured_rows(results)
     for rule in rules:
-        measured = [*results.get("rows", []), *(results.get("features") or {}).get("rows", [])]
         rows = [r for r in measured if rule.matches(r)]
         where = f"{rule.scenario} {rule.target}" + (
             f" c={rule.concurrency}" if rule.concurrency is not None else ""

@@ -589,9 +589,91 @@ def render_markdown(results: dict[str, Any], verdicts: list[Verdict] | None) -> 
             "",
         ]
     lines += ["## What limits scaling here", "", *_scaling_text(results), ""]
+    if results.get("generate_overhead"):
+        lines += [
+            "## Generate's whole-call CPU overhead (`bench/generate_overhead.py`)",
+            "",
+            *overhead_lines(results),
+            "",
+        ]
     if results.get("features"):
         lines += ["## Feature store (`bench/features.py`)", "", *feature_lines(results), ""]
     return "\n".join(lines)
+
+
+def overhead_lines(results: dict[str, Any]) -> list[str]:
+    """The generate_overhead scenario: server CPU above a trivial RPC's against a raw client."""
+    section = results["generate_overhead"]
+    setup = section.get("setup") or {}
+    out = [
+        "`scripts/llm_overhead.py`'s whole-RPC measurement (`whole_rpc`, as its `--server`): "
+        "`python -m ml_serving` in its own process (INFO access log, one LiteLLM route to the "
+        "fake OpenAI upstream, no retries, fallback off), called over gRPC by a worker "
+        "process one call after another; its CPU is every thread's, from "
+        "`/proc/<pid>/task/*/schedstat` (ns). Each batch of "
+        f"{setup.get('calls', '–')} Generate calls or {setup.get('streams', '–')} "
+        "GenerateStream calls is followed by as many ListPromptVersions calls: the floor, a "
+        "trivial RPC's gRPC and layer cost. The baseline is a raw `aiohttp.ClientSession` in "
+        "its own process (one POST, the JSON parsed; streams: every SSE line parsed), its own "
+        "CPU (all threads). The fake upstream "
+        f"({setup.get('tokens', '–')} tokens, no delay) runs in a third process, counted on "
+        f"neither side. {setup.get('rounds', '–')} interleaved rounds (the order alternates), "
+        "after warm-up calls; figures are medians over the rounds, ratios the median of each "
+        "round's (whole call − floor) ÷ raw; per chunk is per stream over the upstream's "
+        "chunks per stream.",
+        "",
+    ]
+    body = []
+    for row in section["rows"]:
+        if row.get("error_count"):
+            body.append([row["method"], "–", "–", "–", "–", "–", f"failed: {row.get('error')}"])
+        elif row["method"] == "Generate":
+            body.append(
+                [
+                    "Generate",
+                    "call",
+                    _f(row["server_cpu_ms_per_call"], 3),
+                    _f(row["floor_cpu_ms_per_call"], 3),
+                    _f(row["above_floor_ms_per_call"], 3),
+                    _f(row["raw_cpu_ms_per_call"], 3),
+                    _f(row["vs_baseline"]["cpu_ratio_per_call"], 2) + "x",
+                ]
+            )
+        else:
+            chunks = row["chunks_per_stream"]
+            body += [
+                [
+                    "GenerateStream",
+                    f"stream ({_f(chunks, 0)} chunks)",
+                    _f(row["server_cpu_ms_per_stream"], 3),
+                    _f(row["floor_cpu_ms_per_call"], 3),
+                    _f(row["above_floor_ms_per_stream"], 3),
+                    _f(row["raw_cpu_ms_per_stream"], 3),
+                    "",
+                ],
+                [
+                    "GenerateStream",
+                    "chunk",
+                    "",
+                    "",
+                    _f(row["above_floor_ms_per_chunk"], 4),
+                    _f(row["raw_cpu_ms_per_chunk"], 4),
+                    _f(row["vs_baseline"]["cpu_ratio_per_chunk"], 2) + "x",
+                ],
+            ]
+    out += _table(
+        [
+            "RPC",
+            "per",
+            "server CPU, whole call (ms)",
+            "floor: ListPromptVersions (ms)",
+            "above the floor (ms)",
+            "raw aiohttp client (ms)",
+            "above the floor ÷ raw",
+        ],
+        body,
+    )
+    return out
 
 
 def feature_lines(results: dict[str, Any]) -> list[str]:

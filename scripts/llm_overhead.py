@@ -46,6 +46,9 @@ machines are noisy.
 
 --count-calls adds a noise-free complement: Python function calls (all threads) per unary
 call and per streamed token, counted by extra workers after the timed rounds.
+
+`make bench` runs the --server measurement with only the raw and server workers (whole_rpc) as
+its generate_overhead scenario, which bench/thresholds.json judges against issue 26's targets.
 """
 
 from __future__ import annotations
@@ -495,6 +498,10 @@ class Worker:
         default_factory=lambda: {"unary": [], "stream": []}
     )
 
+    def stop(self) -> None:
+        _stop_process(self.proc)
+        self.log.close()
+
     def ask(self, mode: str, n: int) -> None:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(f"{mode} {n}\n")
@@ -503,6 +510,14 @@ class Worker:
         if not line:
             raise SystemExit(f"worker {self.kind} died:\n{_tail(self.log)}")
         self.results[mode].append(json.loads(line))
+
+
+def _stop_process(proc: subprocess.Popen[str]) -> None:
+    proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            pipe.close()
 
 
 def _tail(log: IO[str]) -> str:
@@ -607,6 +622,7 @@ def _server_summary(
         "floor_cpu_ms": _median(unary, "floor_cpu_ms"),
         "unary_above_floor_ms": _median(above(unary), "cpu_ms"),
         "stream_cpu_ms": _median(stream, "cpu_ms"),
+        "stream_floor_cpu_ms": _median(stream, "floor_cpu_ms"),
         "stream_above_floor_ms": _median(above(stream), "cpu_ms"),
         "chunk_above_floor_ms": _median(above(stream), "cpu_ms") / tokens,
         "messages_per_stream": _median(stream, "deltas"),
@@ -737,7 +753,7 @@ def _count_calls(
     return counts
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def _options(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--calls", type=int, default=100, help="unary calls per worker per round")
@@ -777,6 +793,89 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--checkout", type=Path, default=ROOT, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     opts.model = opts.model or (ANTHROPIC_MODEL if opts.upstream == "anthropic" else MODEL)
+    return opts
+
+
+def _start_upstream(opts: argparse.Namespace) -> tuple[subprocess.Popen[str], int]:
+    """The fake upstream's process and its port."""
+    log = tempfile.NamedTemporaryFile("w+", prefix="llm_overhead_upstream_", suffix=".log")
+    upstream = _spawn(
+        ["--serve-upstream", "--tokens", str(opts.tokens), "--upstream", opts.upstream], log
+    )
+    log.close()  # the child holds its own descriptor
+    assert upstream.stdout is not None
+    line = upstream.stdout.readline()
+    if not line.strip():
+        _stop_process(upstream)
+        raise SystemExit("the fake upstream did not start")
+    return upstream, int(line)
+
+
+def _rounds(
+    workers: Sequence[Worker], rounds: int, calls: int, streams: int, log: Callable[[str], None]
+) -> None:
+    """Each worker in turn, the order rotating every round (see the docstring)."""
+    for r in range(rounds):
+        order = [*workers[r % len(workers) :], *workers[: r % len(workers)]]
+        for w in order:
+            w.ask("unary", calls)
+            w.ask("stream", streams)
+        done = ", ".join(f"{w.kind} {w.results['unary'][-1]['cpu_ms']:.2f}" for w in workers)
+        log(f"round {r + 1}/{rounds}: unary CPU ms/call {done}")
+
+
+def whole_rpc(
+    *,
+    rounds: int = 5,
+    calls: int = 100,
+    streams: int = 20,
+    warmup: int = 20,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """What --server measures, with only the two workers it needs: the raw aiohttp client and
+    a server from this checkout, in interleaved rounds against one fake upstream (the bench's
+    generate_overhead scenario). Returns the server's summary (``_server_summary``), the raw
+    client's CPU per unary call and per chunk, the settings and every round."""
+    opts = _options(
+        ["--rounds", str(rounds), "--calls", str(calls), "--streams", str(streams)]
+        + ["--warmup", str(warmup)]
+    )
+    upstream, port = _start_upstream(opts)
+    workers: list[Worker] = []
+    try:
+        workers.append(_start_worker("raw", port, opts, None))
+        workers.append(_start_worker("server", port, opts, None, checkout=ROOT.resolve()))
+        _rounds(workers, rounds, calls, streams, log)
+    finally:
+        for w in workers:
+            w.stop()
+        _stop_process(upstream)
+    raw, server = workers[0].results, workers[1].results
+    chunks = _median(raw["stream"], "deltas")
+    return {
+        "server": _server_summary(server["unary"], server["stream"], raw),
+        "raw": {
+            "unary_cpu_ms": _median(raw["unary"], "cpu_ms"),
+            "unary_wall_p50_ms": _median(raw["unary"], "wall_p50_ms"),
+            "stream_cpu_ms": _median(raw["stream"], "cpu_ms"),
+            "chunks_per_stream": chunks,
+            "cpu_ms_per_chunk": _median(raw["stream"], "cpu_ms") / chunks,
+        },
+        "settings": {
+            "rounds": rounds,
+            "calls": calls,
+            "streams": streams,
+            "warmup": warmup,
+            "tokens": opts.tokens,
+            "model": opts.model,
+            "upstream": opts.upstream,
+        },
+        "rounds": {w.kind: w.results for w in workers},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    opts = _options(argv)
 
     if opts.serve_upstream:
         asyncio.run(_serve_upstream(opts.tokens, opts.upstream, opts.token_delay_s))
@@ -794,14 +893,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         )  # fmt: skip
         return
 
-    up_log = tempfile.NamedTemporaryFile("w+", prefix="llm_overhead_upstream_", suffix=".log")
-    upstream = _spawn(
-        ["--serve-upstream", "--tokens", str(opts.tokens), "--upstream", opts.upstream], up_log
-    )
+    upstream, port = _start_upstream(opts)
     workers: list[Worker] = []
     try:
-        assert upstream.stdout is not None
-        port = int(upstream.stdout.readline())
         named: dict[str, Path | None] = {
             kind: None for kind in ("raw", "raw_httpx", "acompletion", "gateway", "gateway_httpx")
         }
@@ -818,13 +912,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             for name, checkout in servers.items():
                 workers.append(_start_worker(name, port, opts, None, checkout=checkout))
                 workers[-1].kind = name
-        for r in range(opts.rounds):
-            order = workers[r % len(workers) :] + workers[: r % len(workers)]
-            for w in order:
-                w.ask("unary", opts.calls)
-                w.ask("stream", opts.streams)
-            done = ", ".join(f"{w.kind} {w.results['unary'][-1]['cpu_ms']:.2f}" for w in workers)
-            print(f"round {r + 1}/{opts.rounds}: unary CPU ms/call {done}", flush=True)
+        _rounds(
+            workers, opts.rounds, opts.calls, opts.streams, lambda line: print(line, flush=True)
+        )
         summary = _summary(workers)
         _print(summary, opts)
         pairs = _server_pairs(workers)
@@ -840,10 +930,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             opts.json.write_text(json.dumps(report, indent=2))
     finally:
         for w in workers:
-            w.proc.kill()
-            w.proc.wait()
-        upstream.kill()
-        upstream.wait()
+            w.stop()
+        _stop_process(upstream)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
-from bench import check, report, runner
+from bench import check, generate_overhead, report, runner
 from bench.__main__ import _ints, _per_scenario
 from bench.echo import start_echo
 from bench.loadgen import (
@@ -259,7 +259,37 @@ def synthetic_results(score_qps_ratio: float) -> dict[str, Any]:
         "setup": {"plan": [], "client_processes": {"chosen": 1, "probe": None}},
         "rows": rows,
         "features": {"rows": feature_rows},
+        "generate_overhead": {
+            "rows": generate_overhead.rows(WHOLE_RPC),
+            "setup": WHOLE_RPC["settings"],
+        },
     }
+
+
+# scripts.llm_overhead.whole_rpc's answer, made up: 2.84x raw per call, 2.71x per chunk.
+WHOLE_RPC: dict[str, Any] = {
+    "server": {
+        "unary_cpu_ms": 2.2,
+        "floor_cpu_ms": 0.6,
+        "unary_above_floor_ms": 1.6,
+        "unary_wall_p50_ms": 3.9,
+        "stream_cpu_ms": 5.4,
+        "stream_floor_cpu_ms": 0.7,
+        "stream_above_floor_ms": 4.7,
+        "chunk_above_floor_ms": 0.147,
+        "messages_per_stream": 3.0,
+        "unary_ratio_to_raw": 2.84,
+        "chunk_ratio_to_raw": 2.71,
+    },
+    "raw": {
+        "unary_cpu_ms": 0.56,
+        "unary_wall_p50_ms": 0.7,
+        "stream_cpu_ms": 1.73,
+        "chunks_per_stream": 32.0,
+        "cpu_ms_per_chunk": 0.054,
+    },
+    "settings": {"rounds": 5, "calls": 100, "streams": 20, "warmup": 20, "tokens": 32},
+}
 
 
 def test_report_writes_json_markdown_and_plot(tmp_path: Path) -> None:
@@ -270,6 +300,11 @@ def test_report_writes_json_markdown_and_plot(tmp_path: Path) -> None:
     assert "## Score vs the bare gRPC ceiling" in markdown
     assert "| 64 |" in markdown and "What limits scaling here" in markdown
     assert "## Feature store" in markdown and "get_online_features" in markdown
+    overhead = markdown.split("## Generate's whole-call CPU overhead")[1].split("\n## ")[0]
+    assert "schedstat" in overhead and "aiohttp" in overhead
+    assert "| Generate | call | 2.200 | 0.600 | 1.600 | 0.560 | 2.84x |" in overhead
+    assert "| GenerateStream | chunk |  |  | 0.1470 | 0.0540 | 2.71x |" in overhead
+    assert "| GenerateStream | stream (32 chunks) | 5.400 | 0.700 | 4.700 | 1.730 |  |" in overhead
     isolation = markdown.split("## Score beside saturating Generate (isolation)")[1]
     assert "| one process (one port) |" in isolation and "| 3.00 |" in isolation
     assert "| split: Generate on `ML_SERVING_GENERATE_PORT` (nice +10, SCHED_IDLE) |" in isolation
@@ -300,6 +335,38 @@ def test_check_passes_good_results_and_fails_bad_ones(tmp_path: Path) -> None:
     slow_scenarios = [v.rule.scenario for v in check.evaluate(slow_lookup, rules) if not v.ok]
     assert slow_scenarios == ["features_lookup"]
 
+    # Like the feature-store scenario's, its rules fail unmeasured where it did not run (a
+    # --scenario run), and only they.
+    for section in ("features", "generate_overhead"):
+        without = synthetic_results(0.9)
+        del without[section]
+        failed = [v for v in check.evaluate(without, rules) if not v.ok]
+        assert failed and all(
+            v.rule.scenario.startswith(section) and "not measured" in v.detail for v in failed
+        )
+    assert sorted(v.rule.metric for v in failed) == [
+        "vs_baseline.cpu_ratio_per_call",
+        "vs_baseline.cpu_ratio_per_chunk",
+    ]
+
+    for key, scenario in (
+        ("unary_ratio_to_raw", "generate_overhead_unary"),
+        ("chunk_ratio_to_raw", "generate_overhead_stream"),
+    ):
+        slow_rpc = synthetic_results(0.9)
+        whole_rpc = {**WHOLE_RPC, "server": {**WHOLE_RPC["server"], key: 3.1}}
+        slow_rpc["generate_overhead"]["rows"] = generate_overhead.rows(whole_rpc)
+        assert [v.rule.scenario for v in check.evaluate(slow_rpc, rules) if not v.ok] == [scenario]
+
+    broken_rpc = synthetic_results(0.9)
+    broken_rpc["generate_overhead"]["rows"] = generate_overhead.failed_rows("worker died")
+    assert sorted(v.rule.metric for v in check.evaluate(broken_rpc, rules) if not v.ok) == [
+        "error_count",
+        "vs_baseline.cpu_ratio_per_call",
+        "vs_baseline.cpu_ratio_per_chunk",
+    ]
+    assert "failed: worker died" in report.render_markdown(broken_rpc, None)
+
     path = tmp_path / "results.json"
     path.write_text(json.dumps(missing))
     assert check.main(path) == 1
@@ -314,3 +381,18 @@ def test_rounds_add_up_their_wall_time() -> None:
     assert both.wall_s == 4.0
     assert both.samples["Score"].ok == 40
     assert both.processes == 1
+
+
+def test_generate_overhead_scenario_runs_end_to_end() -> None:
+    # A real server, raw client and fake upstream (scripts/llm_overhead.py), a handful of calls:
+    # the shape of the rows, never their values.
+    lines: list[str] = []
+    section = generate_overhead.run(lines.append, rounds=1, calls=3, streams=1, warmup=1)
+    rows = section["rows"]
+    assert [r["scenario"] for r in rows] == ["generate_overhead_unary", "generate_overhead_stream"]
+    assert all(r["error_count"] == 0 and r["target"] == "server" for r in rows), rows
+    assert rows[0]["vs_baseline"]["cpu_ratio_per_call"] > 0
+    assert rows[1]["vs_baseline"]["cpu_ratio_per_chunk"] > 0
+    assert rows[1]["chunks_per_stream"] == section["setup"]["tokens"]
+    assert set(section["rounds"]) == {"raw", "server"}
+    assert any("round 1/1" in line for line in lines)
