@@ -229,7 +229,7 @@ def mixed_table(results: dict[str, Any]) -> list[str]:
 
 ISOLATION_TOPOLOGIES = (
     ("single", "one process (one port)"),
-    ("split", "split: Generate on `ML_SERVING_GENERATE_PORT` (nice +10)"),
+    ("split", "split: Generate on `ML_SERVING_GENERATE_PORT` (nice +10, SCHED_IDLE)"),
 )
 
 
