@@ -121,7 +121,7 @@ def run_main(argv: list[str]) -> int:
 
     plan = smoke_plan() if args.smoke else default_plan()
     # The feature-store scenario materializes two stores with Feast (about a minute) and
-    # generate_overhead takes interleaved rounds of a server and a raw client (about a minute):
+    # generate_overhead takes interleaved rounds of a server and a raw client (about 15 s):
     # in a full run, or when named; not in the smoke run.
     extra = check.SECTIONS
     with_extra = {

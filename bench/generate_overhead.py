@@ -8,7 +8,8 @@ from typing import Any
 
 from scripts import llm_overhead
 
-ROUNDS = 5
+ROUNDS = 9
+"""Interleaved rounds, as scripts/llm_overhead.py runs by default (about 15 s in all here)."""
 CALLS = 100
 """Unary calls per worker per round (and as many ListPromptVersions calls on the server)."""
 STREAMS = 20
