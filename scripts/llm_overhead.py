@@ -499,6 +499,17 @@ class Worker:
     )
 
     def stop(self) -> None:
+        # End of input first: a worker then stops what it started (the server worker's
+        # `python -m ml_serving`, which a kill would leave running) and exits.
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass  # it died already
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
         _stop_process(self.proc)
         self.log.close()
 
@@ -513,11 +524,15 @@ class Worker:
 
 
 def _stop_process(proc: subprocess.Popen[str]) -> None:
-    proc.kill()
-    proc.wait()
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
     for pipe in (proc.stdin, proc.stdout):
         if pipe is not None:
-            pipe.close()
+            try:
+                pipe.close()
+            except OSError:
+                pass
 
 
 def _tail(log: IO[str]) -> str:

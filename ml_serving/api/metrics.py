@@ -313,6 +313,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.rpcs = _RpcCounts()
         self.registry.register(self.rpcs)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.generate = Counter(
             "mlserving_generate",
             "Successful Generate and GenerateStream calls by prompt version and fallback.",
@@ -362,8 +363,11 @@ class Metrics:
         rpcs.handled[key] = rpcs.handled.get(key, 0) + 1
         rpcs.observe(method, seconds)
         if code == "OK" and "prompt_version" in notes:
-            self.generate.labels(
-                method, notes["prompt_version"], str(bool(notes.get("fallback"))).lower()
+            self._child(
+                self.generate,
+                method,
+                notes["prompt_version"],
+                "true" if notes.get("fallback") else "false",
             ).inc()
 
     def llm_call(
@@ -376,12 +380,21 @@ class Metrics:
         error: str | None = None,
     ) -> None:
         """Record one upstream LLM call: its latency, tokens, or the reason it failed."""
-        self.llm_latency.labels(model).observe(seconds)
+        self._child(self.llm_latency, model).observe(seconds)
         if error is not None:
-            self.llm_errors.labels(model, error).inc()
+            self._child(self.llm_errors, model, error).inc()
             return
-        self.llm_tokens.labels(model, "prompt").inc(prompt_tokens)
-        self.llm_tokens.labels(model, "completion").inc(completion_tokens)
+        self._child(self.llm_tokens, model, "prompt").inc(prompt_tokens)
+        self._child(self.llm_tokens, model, "completion").inc(completion_tokens)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept: labels() checks and hashes its arguments under a
+        lock (microseconds), and every Generate call asks for the same few children."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def llm_cooldown(self, model: str, seconds: float) -> None:
         """Count an LLM deployment benched for `seconds` (LLMGateway's on_cooldown)."""

@@ -384,7 +384,12 @@ class LLMGateway:
                     raise last_error
                 raise NoRouteAvailable(f"every deployment of {alias!r} is cooling down")
             if start < 0:
-                start = random.choices(range(len(ready)), [d.weight for d in ready])[0]
+                # Weighted pick among the ready deployments (one, most often: nothing to draw).
+                start = (
+                    random.choices(range(len(ready)), [d.weight for d in ready])[0]
+                    if len(ready) > 1
+                    else 0
+                )
             deployment = ready[(start + attempt) % len(ready)]
             timeout = deployment.timeout_s
             if deadline is not None:
