@@ -48,13 +48,11 @@ def score_values(request: pb.ScoreRequest) -> Float32Array:
 
     The request is serialized again first: upb writes each packed field as one block, however
     the sender split or unpacked it (both are valid encodings), so the view always sees it
-    whole; the lengths are checked against the parsed request all the same.
+    whole (``align_columnar_request`` checks the length against the fields' counts all the
+    same).
     """
     view = _View.FromString(request.SerializeToString())
-    values = np.frombuffer(
+    return np.frombuffer(
         view.context_values + view.candidate_values,  # type: ignore[attr-defined]
         dtype=_LITTLE_ENDIAN_F32,
     )
-    if len(values) != len(request.context_values) + len(request.candidate_values):
-        raise AssertionError("a packed float field was not serialized as one block")
-    return values

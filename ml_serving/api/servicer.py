@@ -87,7 +87,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.ScoreResponse:
         model = self._models.current  # one version for the whole request, even mid-promotion
         max_candidates = self._settings.max_candidates
-        columnar = len(request.candidate_ids) > 0 or len(request.candidate_values) > 0
+        # Each field read once: every read of a repeated field builds a new wrapper.
+        context_names = request.context_feature_names
+        context_values = request.context_values
+        candidate_names = request.candidate_feature_names
+        candidate_ids = request.candidate_ids
+        candidate_values = request.candidate_values
+        columnar = len(candidate_ids) > 0 or len(candidate_values) > 0
         if columnar and len(request.candidates) > 0:
             raise errors.InvalidArgument(
                 "candidates", "send candidates, or candidate_ids with candidate_values, not both"
@@ -97,14 +103,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             raise errors.InvalidArgument("response_layout", f"unknown value {layout}")
         if request.user_id:
             check_id("user_id", request.user_id)  # the bound Generate's user_id has
-        n = len(request.candidate_ids) if columnar else len(request.candidates)
+        n = len(candidate_ids) if columnar else len(request.candidates)
         lookup = self.features
         if n > max_candidates:
             # Counted before anything is built per candidate: an oversized request costs no more.
             refuse_too_many_candidates(
-                context_feature_names=request.context_feature_names,
-                context_values=request.context_values,
-                candidate_feature_names=request.candidate_feature_names,
+                context_feature_names=context_names,
+                context_values=context_values,
+                candidate_feature_names=candidate_names,
                 n_candidates=n,
                 max_candidates=max_candidates,
                 columnar=columnar,
@@ -113,13 +119,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         lenient = lookup is not None
         with tracing.child_span("score.model", candidates=n):
             if columnar:
-                ids = request.candidate_ids[:]
+                ids = candidate_ids[:]
                 aligned = align_columnar_request(
-                    context_feature_names=request.context_feature_names,
-                    context_values=request.context_values,
-                    candidate_feature_names=request.candidate_feature_names,
+                    context_feature_names=context_names,
+                    context_values=context_values,
+                    candidate_feature_names=candidate_names,
                     candidate_ids=ids,
-                    candidate_values=request.candidate_values,
+                    candidate_values=candidate_values,
                     max_candidates=max_candidates,
                     lenient=lenient,
                     values=packed.score_values(request),
@@ -129,9 +135,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 candidates = request.candidates[:]
                 ids = [c.id for c in candidates]
                 aligned = align_request(
-                    context_feature_names=request.context_feature_names,
-                    context_values=request.context_values,
-                    candidate_feature_names=request.candidate_feature_names,
+                    context_feature_names=context_names,
+                    context_values=context_values,
+                    candidate_feature_names=candidate_names,
                     candidate_ids=ids,
                     candidate_values=[c.values for c in candidates],
                     max_candidates=max_candidates,
@@ -141,8 +147,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             # Names are unique and known once aligned: as many as the model has means the
             # request sent every value, all finite, so there is nothing for the store to fill.
             sent_all = (
-                len(request.context_feature_names) == model_features.N_CONTEXT
-                and len(request.candidate_feature_names) == model_features.N_CANDIDATE
+                len(context_names) == model_features.N_CONTEXT
+                and len(candidate_names) == model_features.N_CANDIDATE
             )
             if lookup is not None and not sent_all:
                 # Whatever the request left out, from the store (never an error because of it).
