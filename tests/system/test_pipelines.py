@@ -145,6 +145,10 @@ def test_the_gate_refuses_a_worse_challenger_and_promotes_a_better_one(
     assert registry.promoted_version(NAME) == "1"
     assert FileShadowPointer(registry).shadow_version(NAME) == "3"
     comparisons = ("mlserving_shadow_model_comparisons_total", (("version", "3"),))
+    # The server picks the shadow pointer up on its next poll: calls made before that are not
+    # compared (under load, a fresh-clone run made all 60 first and saw too few comparisons).
+    shadow_info = ("mlserving_shadow_model_info", (("name", NAME), ("version", "3")))
+    _wait(lambda: _metrics(world["metrics"]).get(shadow_info, 0) == 1, "the shadow version")
     for _ in range(60):
         assert _score_version(server) == "1"
     _wait(lambda: _metrics(world["metrics"]).get(comparisons, 0) >= 50, "50 shadow comparisons")
