@@ -402,14 +402,12 @@ def design_matrix(context: Float64Array, candidates: Float64Array) -> Float64Arr
 
 @dataclass(frozen=True, slots=True)
 class ContextFold:
-    """Folds one user's *normalised* context into candidate weights: for
-    ``w, bias = ContextFold.of(coef, intercept).collapse(context)``, ``c @ w + bias`` equals
-    ``design_matrix(context, c) @ coef + intercept`` for any candidates ``c``.
-
-    The serving path scores one user at a time: folding the context columns and the crosses
-    into one weight vector skips building the design matrix, and doing it as one product with a
-    matrix built once per model keeps it to two array operations per request (the same sums in
-    another order: results agree to ~1e-15).
+    """The design matrix's coefficients regrouped around one *normalised* context row: for
+    ``fold = ContextFold.of(coef, intercept)`` and ``folded = context @ fold.matrix +
+    fold.offset``, ``c @ folded[:N_CANDIDATE] + folded[N_CANDIDATE]`` equals
+    ``design_matrix(context, c) @ coef + intercept`` for any candidates ``c``: the context
+    columns and the crosses become one weight vector, so one user's candidates are scored
+    without a design matrix (``ScoringPlan`` builds on it).
     """
 
     matrix: Float64Array
@@ -426,12 +424,6 @@ class ContextFold:
         matrix[:, N_CANDIDATE] = coef[:N_CONTEXT]
         offset = np.append(coef[N_CONTEXT : N_CONTEXT + N_CANDIDATE], intercept)
         return cls(matrix, offset)
-
-    def collapse(self, context: Float64Array) -> tuple[Float64Array, float]:
-        """Candidate weights and bias (intercept included) for one normalised context row."""
-        folded = context @ self.matrix
-        folded += self.offset
-        return folded[:N_CANDIDATE], float(folded[N_CANDIDATE])
 
 
 @dataclass(slots=True)
@@ -504,7 +496,7 @@ class ScoringPlan:
         self, context: npt.NDArray[Any], candidates: npt.NDArray[Any]
     ) -> Float64Array:
         """The logistic function of ``logits``: each candidate's probability, float64."""
-        return _sigmoid_of_negated(self._neg_logits(context, candidates))
+        return sigmoid_of_negated(self._neg_logits(context, candidates))
 
     def probabilities_packed(self, values: npt.NDArray[Any], n: int) -> Float64Array:
         """``probabilities`` for one buffer: the context row, then the ``n`` candidate rows
@@ -521,7 +513,7 @@ class ScoringPlan:
         folded += self.neg_offset
         u: Float64Array = np.dot(t[N_CONTEXT:].reshape(n, N_CANDIDATE), folded[:N_CANDIDATE])
         u += folded[N_CANDIDATE]
-        return _sigmoid_of_negated(u)
+        return sigmoid_of_negated(u)
 
     def _packed_bounds(
         self, capacity: int
@@ -549,9 +541,9 @@ class ScoringPlan:
         return u
 
 
-def _sigmoid_of_negated(u: Float64Array) -> Float64Array:
-    """1 / (1 + exp(u)) in place, as exp(-logaddexp(0, u)): accurate and warning-free over the
-    whole float64 range (u is the negated logit)."""
+def sigmoid_of_negated(u: Float64Array) -> Float64Array:
+    """The logistic function of -u, 1 / (1 + exp(u)), in place: exp(-logaddexp(0, u)), accurate
+    and warning-free over the whole float64 range (u is the negated logit)."""
     np.logaddexp(0.0, u, out=u)
     np.negative(u, out=u)
     return np.exp(u, out=u)

@@ -90,7 +90,8 @@ _NAMES_FIELD: Final = {
 
 
 def sigmoid(z: Float64Array) -> Float64Array:
-    """Logistic function, accurate and warning-free over the whole float64 range."""
+    """Logistic function, accurate and warning-free over the whole float64 range (any shape,
+    scalars too; ``features.sigmoid_of_negated`` is the same formula in place, for serving)."""
     return np.exp(-np.logaddexp(0.0, -z))
 
 

@@ -208,7 +208,9 @@ def test_context_fold_equals_the_design_matrix_product() -> None:
     intercept = float(rng.normal())
     context = rng.normal(size=features.N_CONTEXT)
     candidates = rng.normal(size=(25, features.N_CANDIDATE))
-    weights, bias = features.ContextFold.of(coef, intercept).collapse(context)
+    fold = features.ContextFold.of(coef, intercept)
+    folded = context @ fold.matrix + fold.offset
+    weights, bias = folded[: features.N_CANDIDATE], folded[features.N_CANDIDATE]
     expected = features.design_matrix(context, candidates) @ coef + intercept
     np.testing.assert_allclose(candidates @ weights + bias, expected, rtol=0, atol=1e-12)
 
